@@ -1,0 +1,99 @@
+"""One registry of model names: `create_model(name, **overrides)` and `list_models()`."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from .cifar import CifarResNet
+from .resnet import ResNet
+
+_MODELS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {}
+
+
+def register(name: str, cls: type[nn.Module], **defaults: Any) -> None:
+    """Register `name` as `cls(**defaults)`; `create_model` lets callers override any default."""
+    _MODELS[name] = (cls, defaults)
+
+
+def list_models() -> list[str]:
+    return sorted(_MODELS)
+
+
+def model_options(name: str) -> dict[str, Any]:
+    """Every option `create_model(name, ...)` accepts, with the value this name uses by default."""
+    cls, defaults = _lookup(name)
+    params = inspect.signature(cls.__init__).parameters
+    options = {k: p.default for k, p in params.items() if k != "self"}
+    return {**options, **defaults}
+
+
+def model_config(name: str, **overrides: Any) -> tuple[type[nn.Module], dict[str, Any]]:
+    """The class and the full keyword arguments `create_model(name, **overrides)` builds it with."""
+    cls, defaults = _lookup(name)
+    valid = model_options(name)
+    unknown = sorted(set(overrides) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for model {name!r}; valid options: {', '.join(sorted(valid))}")
+    return cls, {**defaults, **overrides}
+
+
+def create_model(name: str, *, pretrained: Any = None, **overrides: Any) -> nn.Module:
+    """Build a registered model; `pretrained` (a path or state dict) is loaded through `load_pretrained`."""
+    cls, kwargs = model_config(name, **overrides)
+    model = cls(**kwargs)
+    model.model_name = name
+    if pretrained is not None:
+        from .loader import load_pretrained
+
+        load_pretrained(model, pretrained)
+    return model
+
+
+def _lookup(name: str) -> tuple[type[nn.Module], dict[str, Any]]:
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; registered models: {', '.join(list_models())}")
+    return _MODELS[name]
+
+
+def _register_all(add: Callable[..., None] = register) -> None:
+    basic = {"block": "basic"}
+    depths = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+    for depth, layers in depths.items():
+        kind = basic if depth < 50 else {}
+        add(f"resnet{depth}", ResNet, layers=layers, **kind)
+        add(f"se_resnet{depth}", ResNet, layers=layers, se=True, **kind)
+    for depth in (50, 101):
+        x32 = {"layers": depths[depth], "groups": 32, "width_per_group": 4}
+        add(f"resnext{depth}_32x4d", ResNet, **x32)
+        add(f"se_resnext{depth}_32x4d", ResNet, se=True, **x32)
+    # SENet-154 (appendix): SE + 64x4d ResNeXt-152, three 3x3 stem convs, 3x3 stride-2 projections,
+    # halved first 1x1, dropout 0.2 before the classifier; the official model pools in ceil mode.
+    add(
+        "senet154",
+        ResNet,
+        layers=depths[152],
+        groups=64,
+        width_per_group=4,
+        se=True,
+        deep_stem=True,
+        bottleneck_1x1_ratio=0.5,
+        downsample_kernel=3,
+        drop_rate=0.2,
+        stem_pool_ceil=True,
+    )
+    # CIFAR (Tables 4-5): depth 110 = 6n+2 with basic blocks, 164 = 9n+2 with bottlenecks; WRN-16-8.
+    cifar = {
+        "cifar_resnet110": {"block": "basic", "depth_per_stage": 18, "widths": (16, 32, 64)},
+        "cifar_resnet164": {"block": "bottleneck", "depth_per_stage": 18, "widths": (64, 128, 256)},
+        "cifar_wrn16_8": {"block": "basic", "depth_per_stage": 2, "widths": (128, 256, 512)},
+    }
+    for name, kw in cifar.items():
+        add(name, CifarResNet, **kw)
+        add(name.replace("cifar_", "cifar_se_"), CifarResNet, se=True, **kw)
+
+
+_register_all()

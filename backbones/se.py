@@ -1,0 +1,70 @@
+"""The Squeeze-and-Excitation block: the one implementation every model and engine in this suite uses."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+SQUEEZES = ("avg", "max", "none")
+GATES = ("sigmoid", "tanh", "relu")
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
+    return value
+
+
+def se_hidden_channels(channels: int, reduction: float, divisor: int = 1) -> int:
+    """Width of the excitation bottleneck: C / r, rounded to a multiple of `divisor` (timm uses 8)."""
+    hidden = channels / reduction
+    rounded = max(divisor, int(hidden + divisor / 2) // divisor * divisor)
+    if rounded < 0.9 * hidden:  # never round down by more than 10%, as timm's make_divisible
+        rounded += divisor
+    return rounded
+
+
+class SqueezeExcite(nn.Module):
+    """SE: (N, C, H, W) -> (N, C, H, W) = U * gate(fc2(relu(fc1(squeeze(U))))).
+
+    squeeze: "avg" (the paper), "max" (Table 11) or "none" (Table 16, NoSqueeze: the excitation runs as 1x1
+    convs at every position). gate: "sigmoid" (the paper), "tanh" or "relu" (Table 12). The two FCs are stored
+    as 1x1 convs (weights [C/r, C, 1, 1] and [C, C/r, 1, 1]), the layout of the official weights and of timm.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        reduction: float = 16,
+        *,
+        squeeze: str = "avg",
+        gate: str = "sigmoid",
+        bias: bool = True,
+        divisor: int = 1,
+    ):
+        super().__init__()
+        self.squeeze = _choice("squeeze", squeeze, SQUEEZES)
+        self.gate_name = _choice("gate", gate, GATES)
+        hidden = se_hidden_channels(channels, reduction, divisor)
+        self.fc1 = nn.Conv2d(channels, hidden, 1, bias=bias)
+        self.relu = nn.ReLU(inplace=True)
+        self.fc2 = nn.Conv2d(hidden, channels, 1, bias=bias)
+
+    def extra_repr(self) -> str:
+        return f"squeeze={self.squeeze}, gate={self.gate_name}"
+
+    def _gate(self, s: torch.Tensor) -> torch.Tensor:
+        if self.gate_name == "sigmoid":
+            return s.sigmoid()
+        if self.gate_name == "tanh":
+            return s.tanh()
+        return s.relu()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.squeeze == "avg":
+            s = x.mean((2, 3), keepdim=True)
+        elif self.squeeze == "max":
+            s = x.amax((2, 3), keepdim=True)
+        else:
+            s = x
+        return x * self._gate(self.fc2(self.relu(self.fc1(s))))
