@@ -64,11 +64,15 @@ class _ResidualUnit(nn.Module):
         if placement == "pre":
             x = self.se(x)
         out = self.branch(x)
-        if placement == "standard":
-            out = self.se(out)
-        elif placement == "identity":
-            shortcut = self.se(shortcut)
-        out = self.relu(out + shortcut)
+        if placement == "standard" and isinstance(self.se, SqueezeExcite):
+            out = self.se(out, shortcut)  # the SE scale and the residual sum in one pass
+        else:
+            if placement == "standard":
+                out = self.se(out)
+            elif placement == "identity":
+                shortcut = self.se(shortcut)
+            out += shortcut  # in place, as torchvision: the branch output is this unit's own tensor
+        out = self.relu(out)
         if placement == "post":
             out = self.se(out)
         return out
@@ -180,7 +184,7 @@ class ResNet(nn.Module):
     def __init__(
         self,
         *,
-        block: str = "bottleneck",
+        block: str | type[_ResidualUnit] = "bottleneck",
         layers: Sequence[int] = (3, 4, 6, 3),
         groups: int = 1,
         width_per_group: int = 64,
@@ -206,7 +210,8 @@ class ResNet(nn.Module):
         in_chans: int = 3,
     ):
         super().__init__()
-        _choice("block", block, BLOCKS)
+        if isinstance(block, str):
+            _choice("block", block, BLOCKS)
         _choice("style", style, STYLES)
         _choice("se_placement", se_placement, PLACEMENTS)
         _choice("downsample_kernel", downsample_kernel, (1, 3))
@@ -219,7 +224,9 @@ class ResNet(nn.Module):
         self.stride_in_1x1 = caffe if stride_in_1x1 is None else stride_in_1x1
         self.stem_pool_ceil = caffe if stem_pool_ceil is None else stem_pool_ceil
         self.deep_stem = deep_stem
-        block_cls = BLOCKS[block]
+        # A block class (a subclass of BasicBlock / Bottleneck) lets an engine wrap the blocks, e.g. as
+        # detectron2 CNNBlockBase in detection/, without a second copy of the stage construction.
+        block_cls = BLOCKS[block] if isinstance(block, str) else block
         se_layer = (
             partial(
                 SqueezeExcite,

@@ -60,11 +60,19 @@ class SqueezeExcite(nn.Module):
             return s.tanh()
         return s.relu()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x * s; with `residual`, residual + x * s in one pass (the SE-ResNet unit's scale and sum)."""
         if self.squeeze == "avg":
             s = x.mean((2, 3), keepdim=True)
         elif self.squeeze == "max":
             s = x.amax((2, 3), keepdim=True)
         else:
             s = x
-        return x * self._gate(self.fc2(self.relu(self.fc1(s))))
+        s = self._gate(self.fc2(self.relu(self.fc1(s))))
+        return x * s if residual is None else scale_add(x, s, residual)
+
+
+def scale_add(x: torch.Tensor, scale: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """residual + x * scale, (N, C, H, W): one pass over memory where x * scale + residual takes two and a
+    temporary tensor as large as x."""
+    return torch.addcmul(residual, x, scale)

@@ -1,0 +1,225 @@
+"""Reading checkpoint files safely: torch zips and legacy files, safetensors (+ our JSON record), pickles.
+
+Files are unpickled with `weights_only=True` (plain pickles with a numpy-only unpickler) unless the caller
+passes `trusted=True`; the format is sniffed from the content, not the suffix. Nothing is downloaded unless
+the source is a URL the caller gave. Every error names the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import collections
+import json
+import logging
+import os
+import pickle
+import re
+import urllib.parse
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+RECORD_FORMAT = "senet-suite/1"  # the "format" field of our JSON sidecar and of the detectron2 "__senet__" entry
+URL_SCHEMES = ("http", "https", "file")
+# torch's pickled magic number opens a legacy (pre-zip) torch.save file; any other pickle is a plain pickle
+_TORCH_LEGACY_MAGIC = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)[:-1]
+# timm training checkpoints keep their argparse options in `args`: harmless to rebuild, so allowed
+_SAFE_GLOBALS = [argparse.Namespace]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, or whose weights do not fit the model. The message names the file."""
+
+
+class UntrustedCheckpointError(CheckpointError):
+    """A pickle that needs arbitrary code to load; only `trusted=True` opens it."""
+
+
+@dataclass
+class Checkpoint:
+    """Every tensor of a checkpoint file, nested containers flattened with "." (`state_dict.model.conv1.weight`).
+
+    `record` is our architecture/preprocessing record (JSON sidecar or detectron2 "__senet__"), else None.
+    """
+
+    path: str
+    file_format: str  # "ours", "safetensors", "torch", "detectron2", "pickle" or "in-memory"
+    tensors: dict[str, torch.Tensor]
+    record: dict | None = None
+
+
+def read_checkpoint(source: Any, *, map_location: Any = "cpu", trusted: bool = False) -> Checkpoint:
+    """Read a checkpoint file, URL or in-memory state dict into a `Checkpoint`; the format is sniffed from content."""
+    if isinstance(source, Checkpoint):
+        return source
+    if isinstance(source, Mapping):
+        return Checkpoint("<state dict>", "in-memory", _flatten(source))
+    if not isinstance(source, str | os.PathLike):
+        raise TypeError(f"pretrained source must be a path, URL or state dict, got {type(source).__name__}")
+    text = os.fspath(source)
+    path = _fetch_url(text) if urllib.parse.urlparse(text).scheme in URL_SCHEMES else Path(text)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if size == 0:
+        raise CheckpointError(f"{path}: the file is empty, not a checkpoint")
+    if head.startswith(b"PK\x03\x04") or head.startswith(_TORCH_LEGACY_MAGIC):
+        obj = _torch_load(path, map_location, trusted)
+        return Checkpoint(str(path), "torch", _flatten(_expect_mapping(obj, path)))
+    if head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 1 << 27:  # header length, then JSON header
+        return _read_safetensors(path)
+    if head[:1] == b"\x80":
+        return _read_pickle(path, trusted)
+    raise CheckpointError(
+        f"{path}: not a checkpoint (expected a torch .pth/.pt/.bin/.ckpt, safetensors or pickle file); "
+        f"it starts with {head[:8]!r}"
+    )
+
+
+def _fetch_url(url: str) -> Path:
+    """Download a URL the caller passed into the torch hub cache (once; the download is written atomically)."""
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme == "file":
+        return Path(urllib.parse.unquote(parsed.path))
+    dst = Path(torch.hub.get_dir()) / "checkpoints" / (Path(parsed.path).name or "checkpoint")
+    if not dst.is_file():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        log.info("downloading %s to %s", url, dst)
+        torch.hub.download_url_to_file(url, str(dst), progress=False)
+    return dst
+
+
+def _torch_load(path: Path, map_location: Any, trusted: bool) -> Any:
+    try:
+        if trusted:
+            return torch.load(path, map_location=map_location, weights_only=False)
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" not in str(e).lower():
+            raise CheckpointError(f"{path}: corrupt torch checkpoint ({e})") from e
+        raise _untrusted(path, _unsafe_globals(path, str(e))) from e
+    except Exception as e:  # zip, EOF and storage errors of truncated or damaged files
+        raise CheckpointError(f"{path}: cannot read it as a torch checkpoint (truncated or corrupt?): {_why(e)}") from e
+
+
+def _unsafe_globals(path: Path, message: str) -> list[str]:
+    try:
+        return torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # legacy (non-zip) files: fall back to what the unpickler reported
+        return re.findall(r"GLOBAL ([\w.]+)", message)
+
+
+def _untrusted(path: Path, names: Iterable[str]) -> UntrustedCheckpointError:
+    return UntrustedCheckpointError(
+        f"{path}: refused to unpickle it: it needs code outside plain tensors and containers "
+        f"({', '.join(names) or 'unknown globals'}), and unpickling runs that code. Pass trusted=True "
+        "(--trusted on the command line) only if you trust the source of this file."
+    )
+
+
+def _read_safetensors(path: Path) -> Checkpoint:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read it as safetensors (truncated or corrupt?): {_why(e)}") from e
+    record = _read_sidecar(path, metadata)
+    return Checkpoint(str(path), "ours" if record else "safetensors", tensors, record)
+
+
+def _read_sidecar(path: Path, metadata: Mapping[str, str]) -> dict | None:
+    """Our JSON record beside `path`, checked to describe this very file (a write cut in half would not)."""
+    sidecar = path.with_suffix(".json")
+    if not sidecar.is_file():
+        return None
+    try:
+        record = json.loads(sidecar.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{sidecar}: unreadable checkpoint record (corrupt JSON?): {e}") from e
+    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
+        return None  # some other tool's JSON: the safetensors file stands alone
+    if record.get("checkpoint_id") != metadata.get("checkpoint_id"):
+        raise CheckpointError(
+            f"{sidecar} does not describe {path} (checkpoint ids {record.get('checkpoint_id')!r} and "
+            f"{metadata.get('checkpoint_id')!r} differ): was a write interrupted? Convert the checkpoint again."
+        )
+    return record
+
+
+class _ForbiddenGlobal(pickle.UnpicklingError):
+    """A global outside the numpy-only allow-list: unpickling it could run code."""
+
+
+class _NumpyUnpickler(pickle.Unpickler):
+    """Unpickles containers, numbers, strings and numpy arrays (detectron2 .pkl files) and nothing else."""
+
+    _ndarray_rebuild = np.ndarray.__reduce__(np.zeros(1))[0]
+    _scalar_rebuild = np.float32(0).__reduce__()[0]
+    ALLOWED = {
+        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("numpy.core.multiarray", "_reconstruct"): _ndarray_rebuild,
+        ("numpy._core.multiarray", "_reconstruct"): _ndarray_rebuild,
+        ("numpy.core.multiarray", "scalar"): _scalar_rebuild,
+        ("numpy._core.multiarray", "scalar"): _scalar_rebuild,
+        ("_codecs", "encode"): codecs.encode,
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise _ForbiddenGlobal(f"{module}.{name}")
+        return self.ALLOWED[module, name]
+
+
+def _read_pickle(path: Path, trusted: bool) -> Checkpoint:
+    try:
+        with open(path, "rb") as f:
+            obj = pickle.load(f, encoding="latin1") if trusted else _NumpyUnpickler(f, encoding="latin1").load()
+    except _ForbiddenGlobal as e:
+        raise _untrusted(path, [str(e)]) from e
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read it as a pickle (truncated or corrupt?): {_why(e)}") from e
+    obj = _expect_mapping(obj, path)
+    is_detectron2 = "__author__" in obj and "model" in obj
+    record = obj.get("__senet__") if isinstance(obj.get("__senet__"), dict) else None
+    return Checkpoint(str(path), "detectron2" if is_detectron2 else "pickle", _flatten(obj), record)
+
+
+def _expect_mapping(obj: Any, path: Path) -> Mapping:
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(
+            f"{path}: expected a state dict (a mapping of names to tensors), found {type(obj).__name__}"
+        )
+    return obj
+
+
+def _flatten(obj: Mapping, prefix: str = "") -> dict[str, torch.Tensor]:
+    """All tensors (and numpy arrays) in nested mappings, keyed by their dotted path; other values are skipped."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in obj.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, torch.Tensor):
+            out[name] = value
+        elif isinstance(value, np.ndarray) and value.dtype.kind in "fiub":
+            out[name] = torch.from_numpy(np.array(value))
+        elif isinstance(value, Mapping):
+            out.update(_flatten(value, f"{name}."))
+    return out
+
+
+def _why(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}".rstrip(": ")

@@ -1,0 +1,88 @@
+"""Detection: Faster R-CNN SE-R50-FPN against R50-FPN inference time per image, through the Detectron2 builders.
+
+Both models come from the project's configs through the same builder (`detection/`), with random weights:
+speed does not depend on the values. Inputs are images already at the test size (the model itself does not
+resize), so the time is the model's: normalisation, backbone, FPN, RPN, ROI heads and post-processing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .models import Settings
+from .report import Figure, Row, Section
+from .timing import CLOCKS, Spread, interleave, paired_ratio, synchronizer
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = {"SE-R50-FPN": REPO / "configs/faster_rcnn_se_r50.yaml", "R50-FPN": REPO / "configs/faster_rcnn_r50.yaml"}
+TARGET = 1.05  # SE-R50-FPN / R50-FPN inference time, at most
+# (height, width) of the test image by preset resolution: 224 -> COCO's 800x1333 test scale (padded to /32)
+TINY_OPTS = ("MODEL.RPN.PRE_NMS_TOPK_TEST", "100", "MODEL.RPN.POST_NMS_TOPK_TEST", "20")
+IMAGE_SIZES = {"default": (800, 1216), "quick": (512, 768), "tiny": (128, 160)}
+
+
+def _builder() -> Callable[..., torch.nn.Module]:
+    """(config path, device, opts) -> eval-mode model with random weights, through the detection add-on."""
+    import detection
+
+    build = getattr(detection, "build_model_from_config", None)
+    if build is None:
+        raise ImportError("detection/ has no build_model_from_config (is Detectron2 importable?)")
+    return lambda path, device, opts=(): build(path, opts, device=device)
+
+
+def image_size(settings: Settings) -> tuple[int, int]:
+    if settings.tiny:
+        return IMAGE_SIZES["tiny"]
+    return IMAGE_SIZES["default"] if settings.resolution >= 224 else IMAGE_SIZES["quick"]
+
+
+def run_detection(settings: Settings, log: Callable[[str], None] = print) -> Section:
+    h, w = image_size(settings)
+    section = Section(f"Detection: Faster R-CNN inference, one {w}x{h} image per call (Detectron2)")
+    try:
+        import detectron2  # noqa: F401
+    except ImportError:
+        section.skipped = "Detectron2 is not installed (it installs from source: see the README)"
+        return section
+    missing = [str(p.relative_to(REPO)) for p in CONFIGS.values() if not p.is_file()]
+    if missing:
+        section.skipped = f"config(s) not found: {', '.join(missing)}"
+        return section
+    try:
+        build = _builder()
+    except ImportError as err:
+        section.skipped = str(err)
+        return section
+
+    # the self-test keeps the box head small; the real sets use the configs' test-time proposal counts
+    opts = TINY_OPTS if settings.tiny else ()
+    models = {}
+    for name, path in CONFIGS.items():
+        torch.manual_seed(0)
+        models[name] = build(path, settings.device, opts).eval()
+    image = torch.rand(3, h, w, device=settings.device) * 255
+    batch = [{"image": image, "height": h, "width": w}]
+
+    def infer(model):
+        def step():
+            with torch.inference_mode():
+                model(batch)
+
+        return step
+
+    log(f"timing detection: {len(models)} models, {settings.repeats} rounds")
+    times = interleave(
+        {name: infer(m) for name, m in models.items()},
+        repeats=settings.repeats,
+        warmup=max(1, settings.warmup),
+        sync=synchronizer(torch.device(settings.device)),
+        clock=CLOCKS[settings.clock],
+    )
+    section.rows = [Row(name, Spread.of(t), 1) for name, t in times.items()]
+    ratio = paired_ratio(times["SE-R50-FPN"], times["R50-FPN"])
+    section.figures.append(Figure("detection_se_overhead_infer", "SE-R50-FPN / R50-FPN (infer)", ratio, TARGET))
+    return section

@@ -1,0 +1,268 @@
+"""What a benchmark run prints and writes: tables (rich), the JSON record, and a PNG bar chart."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .models import COMPARISONS, MODES, ModelResult
+from .timing import Spread, paired_ratio
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One headline number: a time ratio (target is a ceiling) or a throughput (target is a floor)."""
+
+    key: str
+    what: str
+    value: Spread
+    target: float | None = None
+    at_least: bool = False  # True for throughputs: the target is the lowest acceptable value
+
+    @property
+    def verdict(self) -> str:
+        if self.target is None:
+            return ""
+        ok = self.value.median >= self.target if self.at_least else self.value.median <= self.target
+        return "PASS" if ok else "MISS"
+
+    def target_text(self) -> str:
+        if self.target is None:
+            return "-"
+        return f"{'>=' if self.at_least else '<='} {self.target:g}"
+
+    def as_dict(self) -> dict:
+        return {
+            "what": self.what,
+            **self.value.as_dict(),
+            "target": self.target,
+            "target_is_floor": self.at_least,
+            "verdict": self.verdict or None,
+        }
+
+
+@dataclass(frozen=True)
+class Row:
+    """A timed item of a section table: seconds per call, and how many images one call handles."""
+
+    name: str
+    seconds: Spread
+    images: int
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds.median
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "images": self.images, "images_per_s": self.images_per_s, **self.seconds.as_dict()}
+
+
+@dataclass
+class Section:
+    """Detection or data results: rows, headline figures, or the reason the section was skipped."""
+
+    title: str
+    rows: list[Row] = field(default_factory=list)
+    figures: list[Figure] = field(default_factory=list)
+    skipped: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {
+            "title": self.title,
+            "skipped": self.skipped,
+            "rows": [r.as_dict() for r in self.rows],
+            "notes": self.notes,
+        }
+
+
+def model_figures(results: dict[str, ModelResult]) -> list[Figure]:
+    """The paired per-round time ratios of every comparison whose two models both ran."""
+    figures = []
+    for comp in COMPARISONS:
+        a, b = results.get(comp.numerator), results.get(comp.denominator)
+        if a is None or b is None:
+            continue
+        for mode in MODES:
+            if mode in a.times and mode in b.times:
+                ratio = paired_ratio(a.times[mode], b.times[mode])
+                figures.append(Figure(f"{comp.key}_{mode}", f"{comp.what} ({mode})", ratio, comp.targets.get(mode)))
+    return figures
+
+
+def _ms(s: Spread) -> tuple[str, str]:
+    return f"{s.median * 1e3:.1f}", f"{s.min * 1e3:.1f}-{s.max * 1e3:.1f}"
+
+
+def model_table(results: dict[str, ModelResult], batch_size: int, peak_gflops: float, title: str) -> Table:
+    table = Table(title=title)
+    table.add_column("model")
+    table.add_column("params", justify="right")
+    for mode in MODES:
+        table.add_column(f"{mode} ms", justify="right")
+        table.add_column("min-max", justify="right")
+        table.add_column("img/s", justify="right")
+        table.add_column("GFLOP/s (%peak)", justify="right")
+    for r in results.values():
+        cells = [r.label, f"{r.params / 1e6:.2f}M"]
+        for mode in MODES:
+            if mode not in r.times:
+                cells += ["-"] * 4
+                continue
+            s = Spread.of(r.times[mode])
+            gflops = r.flops[mode] / s.median / 1e9
+            cells += [*_ms(s), f"{batch_size / s.median:.1f}", f"{gflops:.1f} ({100 * gflops / peak_gflops:.0f}%)"]
+        table.add_row(*cells)
+    return table
+
+
+def section_table(section: Section) -> Table:
+    table = Table(title=section.title)
+    table.add_column("pipeline")
+    table.add_column("ms / call", justify="right")
+    table.add_column("min-max", justify="right")
+    table.add_column("images / call", justify="right")
+    table.add_column("images/s", justify="right")
+    for row in section.rows:
+        table.add_row(row.name, *_ms(row.seconds), str(row.images), f"{row.images_per_s:.1f}")
+    return table
+
+
+def figure_table(figures: list[Figure]) -> Table:
+    table = Table(title="Ratios (time ratios: below 1 the first is faster) and targets")
+    for name in ("figure", "median", "min-max", "target", ""):
+        table.add_column(name, justify="left" if name == "figure" else "right")
+    for f in figures:
+        verdict = {"PASS": "[green]PASS[/]", "MISS": "[red]MISS[/]"}.get(f.verdict, "")
+        fmt = "{:.0f}" if f.at_least else "{:.3f}"  # throughputs in whole images/s, ratios to 0.1%
+        spread = f"{fmt.format(f.value.min)}-{fmt.format(f.value.max)}"
+        table.add_row(f"{f.key}: {f.what}", fmt.format(f.value.median), spread, f.target_text(), verdict)
+    return table
+
+
+def print_report(
+    console: Console,
+    results: dict[str, ModelResult],
+    sections: list[Section],
+    figures: list[Figure],
+    *,
+    batch_size: int,
+    peak_gflops: float,
+    title: str,
+) -> None:
+    if results:
+        console.print(model_table(results, batch_size, peak_gflops, title))
+    for section in sections:
+        if section.skipped:
+            console.print(f"[yellow]{section.title}: skipped: {section.skipped}[/]")
+            continue
+        console.print(section_table(section))
+        for note in section.notes:
+            console.print(f"  {note}")
+    console.print(figure_table(figures))
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, then rename: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def to_json(
+    settings: dict,
+    results: dict[str, ModelResult],
+    sections: list[Section],
+    figures: list[Figure],
+    peak: dict,
+) -> dict:
+    """The JSON record: every figure's median at the top level (e.g. `se_overhead_infer`), then the details."""
+    models = {}
+    for r in results.values():
+        entry = {"label": r.label, "params": r.params, "flops_per_batch": r.flops}
+        for mode, times in r.times.items():
+            s = Spread.of(times)
+            entry[mode] = {
+                **{f"{k}_s": v for k, v in s.as_dict().items()},
+                "images_per_s": settings["batch_size"] / s.median,
+                "gflops": r.flops[mode] / s.median / 1e9,
+                "percent_of_peak": 100 * r.flops[mode] / s.median / 1e9 / peak["gflops"],
+                "times_s": times,
+            }
+        models[r.key] = entry
+    return {
+        **{f.key: f.value.median for f in figures},
+        "figures": {f.key: f.as_dict() for f in figures},
+        "settings": settings,
+        "peak": peak,
+        "models": models,
+        "sections": [s.as_dict() for s in sections],
+    }
+
+
+def write_json(path: Path, record: dict) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(record, f, indent=2, allow_nan=False)
+            f.write("\n")
+
+    _atomic_write(Path(path), write)
+
+
+def write_png(
+    path: Path, results: dict[str, ModelResult], figures: list[Figure], batch_size: int, title: str = ""
+) -> None:
+    """Two panels: images/s of every model in each mode, and every time ratio with its target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5.5), gridspec_kw={"width_ratios": [1, 1.2]})
+    labels = [r.label for r in results.values()]
+    width = 0.4
+    for i, mode in enumerate(MODES):
+        values = [batch_size / Spread.of(r.times[mode]).median if mode in r.times else 0.0 for r in results.values()]
+        left.barh([y + (i - 0.5) * width for y in range(len(labels))], values, height=width, label=mode)
+    left.set_yticks(range(len(labels)), labels)
+    left.invert_yaxis()
+    left.set_xlabel("images / s (higher is better)")
+    left.legend()
+    left.set_title("Throughput")
+
+    figures = [f for f in figures if not f.at_least]  # ratios only: throughputs live on another scale
+    keys = [f.key for f in figures]
+    medians = [f.value.median for f in figures]
+    errors = [[f.value.median - f.value.min for f in figures], [f.value.max - f.value.median for f in figures]]
+    colors = ["tab:green" if f.verdict == "PASS" else "tab:red" if f.verdict == "MISS" else "tab:gray" for f in figures]
+    right.barh(range(len(keys)), medians, xerr=errors, color=colors, capsize=3)
+    for y, f in enumerate(figures):
+        if f.target is not None:
+            right.plot([f.target, f.target], [y - 0.4, y + 0.4], color="black", linewidth=2)
+    right.axvline(1.0, color="gray", linewidth=0.8, linestyle="--")
+    right.set_yticks(range(len(keys)), keys)
+    right.invert_yaxis()
+    right.set_title("Figures (bar: median, whiskers: min-max, black tick: target)")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+
+    def write(tmp):
+        fig.savefig(tmp, format="png", dpi=100)
+
+    try:
+        _atomic_write(Path(path), write)
+    finally:
+        plt.close(fig)

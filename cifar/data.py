@@ -1,0 +1,196 @@
+"""CIFARDataModule: CIFAR-10 / CIFAR-100 (official python-version files, or a generated stand-in) for Lightning.
+
+The paper's protocol: train on the 50k training images, report the error on the 10k test images; so the
+validation and the test loaders both read the test split.
+
+Augmentation (`augment`):
+  - "albumentations" (default): per image in the DataLoader workers (cifar.transforms.train_transform);
+  - "batched": per batch on the training device (cifar.transforms.BatchAugment): the loader ships uint8
+    images, `on_after_batch_transfer` pads, crops, flips and normalises. Its random choices are a function of
+    (seed, epoch, sample index), so a run resumed from a checkpoint sees exactly the augmentation an
+    uninterrupted run would (the albumentations path is reproducible for a fixed seed but not across resume);
+  - "none": normalisation only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset, RandomSampler, get_worker_info
+
+from .files import SPECS, load_class_names, load_split
+from .synthetic import make_synthetic
+from .transforms import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    CIFAR100_MEAN,
+    CIFAR100_STD,
+    BatchAugment,
+    eval_transform,
+    to_chw,
+    train_transform,
+)
+
+STATS = {"cifar10": (CIFAR10_MEAN, CIFAR10_STD), "cifar100": (CIFAR100_MEAN, CIFAR100_STD)}
+
+
+class CIFARImages(Dataset):
+    """In-memory images uint8 (N, 32, 32, 3) and labels (N,).
+
+    With an albumentations `transform`: item i -> (float (3, 32, 32), label). Without: the "raw" form of the
+    batched path, item i -> (uint8 (3, 32, 32), label, i); the index lets the device side derive the sample's
+    augmentation.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Any = None):
+        self.labels = torch.as_tensor(labels, dtype=torch.int64)
+        self.transform = transform
+        # keep the layout the item needs: HWC numpy for albumentations, CHW tensor for the raw path
+        self.images = images if transform is not None else torch.from_numpy(to_chw(images))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple:
+        if self.transform is None:
+            return self.images[i], self.labels[i], i
+        return self.transform(image=self.images[i])["image"], self.labels[i]
+
+
+class EpochRandomSampler(RandomSampler):
+    """Random order that depends only on (seed, epoch): Lightning calls `set_epoch`, so a resumed run
+    replays the same order. Under DDP Lightning swaps it for a DistributedSampler (also seeded by epoch)."""
+
+    def __init__(self, data_source: Dataset, seed: int = 0):
+        super().__init__(data_source)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Give each worker's albumentations pipeline its own stream (forked copies would otherwise repeat one)."""
+    info = get_worker_info()
+    transform = getattr(info.dataset, "transform", None)
+    if transform is not None:
+        transform.set_random_seed(info.seed % 2**32)
+
+
+class CIFARDataModule(LightningDataModule):
+    """CIFAR-10 or CIFAR-100 for `ClassificationModule`; batches are (images float (B, 3, 32, 32), labels (B,)).
+
+    Args:
+        dataset: "cifar10" or "cifar100".
+        root: folder holding `cifar-10-batches-py/` or `cifar-100-python/` (or that folder itself).
+        download: fetch and extract the official archive into `root` if it is missing (torchvision's
+            downloader, which checks the archive's MD5). Off by default: nothing is downloaded unless asked.
+        verify_md5: check every file against the official MD5 before reading it.
+        synthetic: ignore `root` and train on `make_synthetic` images (`synthetic_train` + `synthetic_val`).
+        batch_size: per device (DDP: the global batch is batch_size x devices).
+        augment: "albumentations", "batched" or "none" (see the module docstring).
+        seed: seeds the shuffling and the augmentation.
+    """
+
+    def __init__(
+        self,
+        dataset: Literal["cifar10", "cifar100"] = "cifar10",
+        root: str = "datasets",
+        download: bool = False,
+        verify_md5: bool = False,
+        synthetic: bool = False,
+        synthetic_train: int = 5000,
+        synthetic_val: int = 1000,
+        batch_size: int = 128,
+        eval_batch_size: int = 500,
+        num_workers: int = 4,
+        augment: Literal["albumentations", "batched", "none"] = "albumentations",
+        seed: int = 0,
+    ):
+        super().__init__()
+        if dataset not in SPECS:
+            raise ValueError(f"dataset={dataset!r} is not one of {sorted(SPECS)}")
+        self.save_hyperparameters()
+        self.spec = SPECS[dataset]
+        mean, std = STATS[dataset]
+        self.batch_augment = BatchAugment(mean, std, seed=seed)
+        self.train_set: CIFARImages | None = None
+        self.test_set: CIFARImages | None = None
+        self.class_names: list[str] | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return self.spec.num_classes
+
+    def prepare_data(self) -> None:
+        """Download only when asked, once per node (Lightning calls this on one process)."""
+        hp = self.hparams
+        if hp.download and not hp.synthetic:
+            from torchvision.datasets import CIFAR10, CIFAR100
+
+            (CIFAR10 if hp.dataset == "cifar10" else CIFAR100)(hp.root, train=True, download=True)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the test split (validation = test, the paper's protocol) and, to fit, the train split."""
+        hp = self.hparams
+        mean, std = STATS[hp.dataset]
+        per_image = hp.augment == "albumentations"
+        if self.test_set is None:
+            if not hp.synthetic:
+                self.class_names = load_class_names(hp.root, self.spec, hp.verify_md5)
+            self.test_set = CIFARImages(*self._split(train=False), eval_transform(mean, std) if per_image else None)
+        if stage in (None, "fit") and self.train_set is None:
+            self.train_set = CIFARImages(*self._split(train=True), train_transform(mean, std) if per_image else None)
+            if per_image:
+                self.train_set.transform.set_random_seed(hp.seed)
+
+    def _split(self, train: bool) -> tuple[np.ndarray, np.ndarray]:
+        hp = self.hparams
+        if hp.synthetic:
+            self.class_names = [f"synthetic_{i}" for i in range(self.num_classes)]
+            n = hp.synthetic_train if train else hp.synthetic_val
+            return make_synthetic(self.num_classes, n, seed=hp.seed if train else hp.seed + 1)
+        return load_split(hp.root, self.spec, train=train, verify_md5=hp.verify_md5)
+
+    def _loader(self, dataset: CIFARImages, train: bool) -> DataLoader:
+        hp = self.hparams
+        workers = hp.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=hp.batch_size if train else hp.eval_batch_size,
+            sampler=EpochRandomSampler(dataset, hp.seed) if train else None,
+            drop_last=train,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            worker_init_fn=_seed_worker if workers > 0 else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_set is None:
+            self.setup("fit")
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw batches (uint8 images, labels, indices) -> (normalised images, labels), augmented in training."""
+        if len(batch) == 2:  # the albumentations path did everything already
+            return batch
+        images, labels, index = batch
+        trainer = self.trainer
+        training = trainer is not None and trainer.training and self.hparams.augment == "batched"
+        epoch = trainer.current_epoch if trainer is not None else 0
+        return self.batch_augment(images, index, epoch, augment=training), labels

@@ -1,0 +1,206 @@
+"""MODEL.WEIGHTS for SE-ResNet detectors: our ImageNet checkpoints converted on load, never a partial backbone.
+
+`SENetCheckpointer` is detectron2's `DetectionCheckpointer` plus two rules:
+
+- A file without detector weights (our safetensors + JSON, a `tools/convert_checkpoint.py --to detectron2` .pkl,
+  timm / torchvision / Cadene / mmpretrain ImageNet weights: anything `backbones.load_pretrained` reads) is an
+  ImageNet backbone checkpoint. It is loaded through that common loader into a twin of the detector's ResNet
+  (which checks key names, shapes and the geometry no shape shows: stride position, stem pool, SE function),
+  its preprocessing is checked against INPUT.FORMAT / MODEL.PIXEL_MEAN / MODEL.PIXEL_STD, and its weights are
+  handed to detectron2 under the detector's names (`backbone.bottom_up.` + our key).
+- Whatever the file, every backbone tensor must be in it with the right shape, or nothing is loaded: detectron2
+  itself only logs missing keys and skips mismatched shapes, which would leave a silently random backbone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
+from torch import nn
+
+from backbones import CheckpointError, ResNet, load_pretrained, read_checkpoint
+from backbones.checkpoint_files import Checkpoint
+from backbones.export import IMAGENET_PREPROCESSING
+
+from .backbone import SEResNet
+from .roi_heads import SERes5ROIHeads
+
+log = logging.getLogger(__name__)
+
+# backbones.ResNet options named in the loader's messages, and the config keys that set them here
+CONFIG_KEYS = {
+    "style='caffe'": "MODEL.RESNETS.STRIDE_IN_1X1 True and MODEL.SENET.STEM_POOL_CEIL True",
+    "stride_in_1x1": "MODEL.RESNETS.STRIDE_IN_1X1",
+    "stem_pool_ceil": "MODEL.SENET.STEM_POOL_CEIL",
+    "se=": "MODEL.SENET.ENABLED",
+    "se_reduction": "MODEL.SENET.REDUCTION",
+    "se_divisor": "MODEL.SENET.DIVISOR",
+    "se_squeeze": "MODEL.SENET.SQUEEZE",
+    "se_gate": "MODEL.SENET.GATE",
+    "se_bias": "MODEL.SENET.BIAS",
+    "se_placement": "MODEL.SENET.PLACEMENT",
+    "groups": "MODEL.RESNETS.NUM_GROUPS",
+    "width_per_group": "MODEL.RESNETS.WIDTH_PER_GROUP",
+    "layers": "MODEL.RESNETS.DEPTH",
+}
+
+
+class SENetCheckpointer(DetectionCheckpointer):
+    """DetectionCheckpointer that also reads ImageNet backbone checkpoints and refuses partial backbone loads."""
+
+    def load(self, path: str, *args: Any, **kwargs: Any) -> dict:
+        local = urlparse(path or "")._replace(query="").geturl()
+        if path and not urlparse(local).scheme and not os.path.isfile(local):
+            raise CheckpointError(
+                f"MODEL.WEIGHTS={path!r}: no such file. Put the ImageNet checkpoint there (any format "
+                "backbones.load_pretrained reads; see tools/convert_checkpoint.py), or pass MODEL.WEIGHTS '' to "
+                "train from scratch."
+            )
+        return super().load(path, *args, **kwargs)
+
+    def _load_file(self, filename: str) -> dict:
+        self._filename = filename
+        checkpoint = read_checkpoint(filename)  # sniffs the format; plain pickles go through a numpy-only unpickler
+        if self._is_detector_checkpoint(checkpoint):
+            return super()._load_file(filename)
+        return self._convert_backbone(checkpoint)
+
+    def _load_model(self, checkpoint: dict) -> Any:
+        if checkpoint.get("matching_heuristics", False):  # align names first, so the check sees the final keys
+            self._convert_ndarray_to_tensor(checkpoint["model"])
+            checkpoint["model"] = align_and_update_state_dicts(
+                self.model.state_dict(), checkpoint["model"], c2_conversion=checkpoint.get("__author__") == "Caffe2"
+            )
+            checkpoint["matching_heuristics"] = False
+        self._check_backbone_covered(checkpoint["model"])
+        return super()._load_model(checkpoint)
+
+    # ------------------------------------------------------------------------------------------------------
+
+    def _backbone_parts(self) -> tuple[SEResNet | None, str, str | None]:
+        """(our ResNet in the model, its key prefix, the key prefix of a C4 head's res5 or None)."""
+        resnet, prefix, res5 = None, "", None
+        for name, module in self.model.named_modules():
+            if isinstance(module, SEResNet) and resnet is None:
+                resnet, prefix = module, f"{name}." if name else ""
+            elif isinstance(module, SERes5ROIHeads):
+                res5 = f"{name}.res5."
+        return resnet, prefix, res5
+
+    def _backbone_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shape of every backbone tensor of the model (our ResNet and a C4 head's res5)."""
+        resnet, prefix, res5 = self._backbone_parts()
+        prefixes = tuple(([prefix] if resnet is not None else []) + ([res5] if res5 else []))
+        if not prefixes:
+            return {}
+        return {
+            k: tuple(v.shape)
+            for k, v in self.model.state_dict().items()
+            if k.startswith(prefixes) and not k.endswith("num_batches_tracked")
+        }
+
+    def _is_detector_checkpoint(self, checkpoint: Checkpoint) -> bool:
+        """Detector weights (e.g. a model_final.pth) rather than an ImageNet backbone checkpoint."""
+        if checkpoint.record is not None:
+            return False  # ours: safetensors + JSON record or a converted .pkl with "__senet__"
+        heads = {name for name, _ in self.model.named_children()} - {"backbone"}
+        for key in checkpoint.tensors:
+            key = key.removeprefix("model.").removeprefix("module.")
+            if key.split(".", 1)[0] in heads:
+                return True
+        return checkpoint.file_format == "detectron2"  # a detectron2-zoo backbone .pkl: its own names
+
+    def _convert_backbone(self, checkpoint: Checkpoint) -> dict:
+        resnet, prefix, res5 = self._backbone_parts()
+        if resnet is None:
+            raise CheckpointError(
+                f"{checkpoint.path}: an ImageNet backbone checkpoint, but the model has no SE-ResNet backbone "
+                "(MODEL.BACKBONE.NAME build_se_resnet_fpn_backbone or build_se_resnet_backbone) to load it into"
+            )
+        self._check_preprocessing(checkpoint)
+        # The whole ImageNet network with plain BN, as the checkpoint was: the common loader checks it all-or-
+        # nothing (names, shapes, geometry), whatever norm and stages the detector uses.
+        with torch.device("meta"):
+            twin = ResNet(num_classes=0, **{**resnet.resnet_options, "norm_layer": nn.BatchNorm2d})
+        twin.to_empty(device="cpu")
+        try:
+            report = load_pretrained(twin, checkpoint)
+        except CheckpointError as e:
+            raise CheckpointError(f"MODEL.WEIGHTS {e}{_config_hint(str(e))}") from None
+        log.info("ImageNet backbone: %s", report.summary())
+        weights = {}
+        for key, value in twin.state_dict().items():
+            if key.endswith("num_batches_tracked"):
+                continue
+            if key.startswith("layer4.") and not hasattr(resnet, "layer4"):
+                if res5 is None:
+                    continue  # C4 with detectron2's own res5 head: it has no use for our stage 5
+                weights[res5 + key.removeprefix("layer4.")] = value
+            else:
+                weights[prefix + key] = value
+        return {"model": weights, "__author__": "senet-suite", "matching_heuristics": False}
+
+    def _check_preprocessing(self, checkpoint: Checkpoint) -> None:
+        """The input the weights were trained on must be what the detector feeds them."""
+        fmt = getattr(self.model, "input_format", None)
+        mean, std = getattr(self.model, "pixel_mean", None), getattr(self.model, "pixel_std", None)
+        if fmt is None or mean is None or std is None:
+            return
+        record = checkpoint.record or {}
+        pre = record.get("preprocessing") or IMAGENET_PREPROCESSING  # all published schemes: ImageNet RGB
+        order = pre["channel_order"]
+        want_mean = [round(255 * m, 3) for m in pre["mean"]]
+        want_std = [round(255 * s, 3) for s in pre["std"]]
+        have_mean, have_std = mean.flatten().tolist(), std.flatten().tolist()
+        if fmt == order and np.allclose(have_mean, want_mean, atol=0.1) and np.allclose(have_std, want_std, atol=0.1):
+            return
+        source = "as recorded with it" if record.get("preprocessing") else "as all ImageNet weights of that scheme"
+        raise CheckpointError(
+            f"MODEL.WEIGHTS {checkpoint.path}: the weights expect {order} input with mean {want_mean} and std "
+            f"{want_std} (0-255 units, {source}), but the config feeds {fmt} with mean "
+            f"{[round(v, 3) for v in have_mean]} and std {[round(v, 3) for v in have_std]}; nothing was loaded. "
+            f"Set INPUT.FORMAT {order} MODEL.PIXEL_MEAN {want_mean} MODEL.PIXEL_STD {want_std}."
+        )
+
+    def _check_backbone_covered(self, weights: dict) -> None:
+        expected = self._backbone_shapes()
+        if not expected:
+            return
+        keys = {k.removeprefix("module."): v for k, v in weights.items()}
+        missing = [k for k in expected if k not in keys]
+        wrong = [
+            f"{k} {tuple(keys[k].shape)} vs {shape}"
+            for k, shape in expected.items()
+            if k in keys and tuple(keys[k].shape) != shape
+        ]
+        if not missing and not wrong:
+            return
+        where = getattr(self, "_filename", "the checkpoint")
+        lines = []
+        if missing:
+            lines.append(f"  missing ({len(missing)} of {len(expected)}): {_few(missing)}")
+        if wrong:
+            lines.append(f"  shapes checkpoint vs model ({len(wrong)}): {_few(wrong)}")
+        raise CheckpointError(
+            f"{where}: these weights do not cover the SE-ResNet backbone of this model; nothing was loaded.\n"
+            + "\n".join(lines)
+            + "\nIs it a detector of another architecture, or a backbone in detectron2's own names (res2.0.conv1)? "
+            "Pass an ImageNet checkpoint backbones.load_pretrained reads (or one converted with "
+            "tools/convert_checkpoint.py --to detectron2), or MODEL.WEIGHTS '' to train from scratch."
+        )
+
+
+def _config_hint(message: str) -> str:
+    named = [f"{option.rstrip('=')} is {key}" for option, key in CONFIG_KEYS.items() if option in message]
+    return f"\nIn the detectron2 config: {'; '.join(named)}." if named else ""
+
+
+def _few(items: list[str], n: int = 6) -> str:
+    return ", ".join(items[:n]) + (f", ... ({len(items) - n} more)" if len(items) > n else "")

@@ -1,0 +1,103 @@
+"""Training and evaluation with detectron2's DefaultTrainer; `tools/train_net.py` is the command line over it."""
+
+from __future__ import annotations
+
+import json
+import os
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+
+import detectron2.utils.comm as comm
+from detectron2.config import CfgNode, get_cfg
+from detectron2.engine import DefaultTrainer, default_setup
+from detectron2.evaluation import COCOEvaluator
+from detectron2.modeling import build_model
+from torch import nn
+
+from .checkpoint import SENetCheckpointer
+from .config import add_senet_config
+from .data import prepare_datasets
+
+METRICS_FILE = "coco_metrics.json"
+
+
+def get_config(config_file: str | os.PathLike, opts: Sequence[str] = ()) -> CfgNode:
+    """detectron2 defaults + MODEL.SENET, then the YAML file, then `KEY VALUE` overrides."""
+    cfg = get_cfg()
+    add_senet_config(cfg)
+    cfg.merge_from_file(str(config_file))
+    cfg.merge_from_list(list(opts))
+    return cfg
+
+
+def build_model_from_config(
+    config_file: str | os.PathLike, opts: Sequence[str] = (), *, device: str = "cpu", load_weights: bool = False
+) -> nn.Module:
+    """The detector a config describes, in eval mode, e.g. for timing SE-R50-FPN against R50-FPN inference.
+
+    The model takes detectron2 inputs: [{"image": (3, H, W) uint8/float tensor in INPUT.FORMAT, "height": H,
+    "width": W}] -> [{"instances": Instances}]. `load_weights` loads MODEL.WEIGHTS (random init otherwise).
+    """
+    cfg = get_config(config_file, [*opts, "MODEL.DEVICE", device])
+    model = build_model(cfg)
+    if load_weights and cfg.MODEL.WEIGHTS:
+        SENetCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    return model.eval()
+
+
+class Trainer(DefaultTrainer):
+    """DefaultTrainer with COCO evaluation (pycocotools) and MODEL.WEIGHTS read by `SENetCheckpointer`."""
+
+    @classmethod
+    def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None) -> COCOEvaluator:
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return COCOEvaluator(dataset_name, output_dir=output_folder)
+
+    @classmethod
+    def test(cls, cfg: CfgNode, model: nn.Module, evaluators=None) -> dict:
+        results = super().test(cfg, model, evaluators)
+        if comm.is_main_process():
+            write_metrics(cfg, results)
+        return results
+
+    def resume_or_load(self, resume: bool = True) -> None:
+        # Saving stays with DefaultTrainer's checkpointer; loading (a resumed run's last checkpoint, else
+        # MODEL.WEIGHTS, which may be an ImageNet checkpoint of ours) goes through SENetCheckpointer.
+        checkpointer = SENetCheckpointer(self.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        checkpointer.resume_or_load(self.cfg.MODEL.WEIGHTS, resume=resume)
+        if resume and checkpointer.has_checkpoint():
+            self.start_iter = self.iter + 1  # the checkpoint holds the iteration that had just finished
+
+
+def write_metrics(cfg: CfgNode, results: dict) -> Path:
+    """COCO metrics {dataset: {"bbox": {"AP", "AP50", "AP75", "APs", "APm", "APl", "AP-<class>"...}}} as JSON."""
+    if len(cfg.DATASETS.TEST) == 1 and cfg.DATASETS.TEST[0] not in results:
+        results = {cfg.DATASETS.TEST[0]: results}  # DefaultTrainer.test unwraps a single dataset's results
+    path = Path(cfg.OUTPUT_DIR) / METRICS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(tmp, path)  # never a half-written metrics file
+    return path
+
+
+def setup(args) -> CfgNode:
+    """Config from the command line (`--config-file`, trailing KEY VALUE), logging, data on disk."""
+    cfg = get_config(args.config_file, args.opts)
+    cfg.freeze()
+    default_setup(cfg, args)
+    prepare_datasets(cfg)
+    return cfg
+
+
+def main(args) -> dict | None:
+    """Train (resuming with --resume) and evaluate, or evaluate only (--eval-only); one process per GPU."""
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        SENetCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        return Trainer.test(cfg, model)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()

@@ -1,0 +1,469 @@
+"""The MMDetection path: our SE-ResNet registered in mmdet, the Table 7 configs, the entry point, the smoke run."""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from detection import mmdet_runner
+
+try:
+    mmdet_runner.check_mmdet()
+except mmdet_runner.MMDetUnavailable as e:
+    pytest.skip(f"MMDetection unavailable: {e}", allow_module_level=True)
+
+from mmdet.registry import MODELS  # noqa: E402
+from mmdet.testing import demo_mm_inputs  # noqa: E402
+from mmengine.optim import OptimWrapper  # noqa: E402
+
+from backbones import create_model  # noqa: E402
+from backbones.loader import CheckpointError, load_pretrained  # noqa: E402
+from detection.mmdet_backbone import SEResNet  # noqa: E402
+from detection.synthetic import SYNTHETIC_CLASSES  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs" / "mmdet"
+TABLE7 = {
+    "faster-rcnn_se-r50_fpn_2x_coco.py": (50, True),
+    "faster-rcnn_r50_fpn_2x_coco.py": (50, False),
+    "faster-rcnn_se-r101_fpn_2x_coco.py": (101, True),
+    "faster-rcnn_r101_fpn_2x_coco.py": (101, False),
+}
+SMOKE = CONFIGS / "smoke" / "faster-rcnn_se-r50_fpn_synthetic.py"
+TINY = (1, 1, 1, 1)  # one block per stage: the real wiring at a fraction of the cost
+# The slow smoke test: iterations and the AP it must beat (measured: see the README's MMDetection section).
+SMOKE_TEST_ITERS = 200
+SMOKE_MIN_AP, SMOKE_MIN_AP50 = 0.3, 0.6
+
+
+def _config(name, **options):
+    return mmdet_runner.load_config(CONFIGS / name, cfg_options=options or None)
+
+
+def _tiny_detector(cfg):
+    cfg = copy.deepcopy(cfg.model)
+    cfg.backbone.update(stage_blocks=TINY, init_cfg=None)
+    model = MODELS.build(cfg)
+    model.init_weights()
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- configs
+
+
+@pytest.mark.parametrize("name", sorted(TABLE7))
+def test_table7_config_values(name, monkeypatch):
+    monkeypatch.delenv("DETECTRON2_DATASETS", raising=False)
+    cfg = _config(name)
+    depth, se = TABLE7[name]
+    bb = cfg.model.backbone
+    assert (bb.type, bb.depth, bb.se, bb.style, bb.frozen_stages, bb.norm_eval) == (
+        "SEResNet",
+        depth,
+        se,
+        "pytorch",
+        1,
+        True,
+    )
+    assert bb.init_cfg.type == "Pretrained"
+    assert cfg.custom_imports.imports == ["detection.mmdet_backbone"]
+    # MMDetection's own 2x schedule, inherited: 24 epochs, lr 0.02 (x0.1 at 16, 22), 8 GPUs x 2 = 16 images
+    assert cfg.train_cfg.max_epochs == 24
+    assert cfg.optim_wrapper.optimizer.lr == 0.02 and cfg.optim_wrapper.optimizer.weight_decay == 1e-4
+    assert [s for s in cfg.param_scheduler if s.type == "MultiStepLR"][0].milestones == [16, 22]
+    assert cfg.train_dataloader.batch_size * 8 == cfg.auto_scale_lr.base_batch_size == 16
+    # COCO 2017 train / val (= minival) where Detectron2 looks for it
+    train, val = cfg.train_dataloader.dataset, cfg.val_dataloader.dataset
+    assert (train.data_root, train.ann_file, train.data_prefix.img) == (
+        "datasets/coco/",
+        "annotations/instances_train2017.json",
+        "train2017/",
+    )
+    assert (val.ann_file, val.data_prefix.img) == ("annotations/instances_val2017.json", "val2017/")
+    assert (
+        cfg.val_evaluator.ann_file == cfg.test_evaluator.ann_file == "datasets/coco/annotations/instances_val2017.json"
+    )
+    assert cfg.model.roi_head.bbox_head.num_classes == 80
+
+
+def test_dataset_root_follows_detectron2_datasets(monkeypatch, tmp_path):
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
+    cfg = _config("faster-rcnn_r101_fpn_2x_coco.py")
+    assert cfg.train_dataloader.dataset.data_root == f"{tmp_path}/coco/"
+    assert cfg.test_evaluator.ann_file == f"{tmp_path}/coco/annotations/instances_val2017.json"
+
+
+def test_se_and_plain_configs_differ_only_in_se():
+    for depth in (50, 101):
+        se_name, plain_name = f"faster-rcnn_se-r{depth}_fpn_2x_coco.py", f"faster-rcnn_r{depth}_fpn_2x_coco.py"
+        se_cfg, plain_cfg = _config(se_name).to_dict(), _config(plain_name).to_dict()
+        for cfg in (se_cfg, plain_cfg):
+            cfg.pop("work_dir")
+            cfg["model"]["backbone"].pop("se")
+            cfg["model"]["backbone"].pop("init_cfg")  # the ImageNet weights of each network
+        assert se_cfg == plain_cfg
+        # and the built detectors differ by exactly the SE parameters
+        se_keys = set(_tiny_detector(_config(se_name)).state_dict())
+        plain_keys = set(_tiny_detector(_config(plain_name)).state_dict())
+        assert plain_keys < se_keys
+        assert se_keys - plain_keys and all(".se." in k for k in se_keys - plain_keys)
+
+
+@pytest.mark.parametrize("name", sorted(TABLE7))
+def test_table7_detector_trains_and_predicts(name):
+    """Full-depth detector of each config on CPU: one SGD step with finite losses, then inference."""
+    cfg = _config(name)
+    cfg.model.backbone.init_cfg = None
+    model = MODELS.build(cfg.model)
+    model.init_weights()
+    depth = TABLE7[name][0]
+    assert sum(len(getattr(model.backbone.body, f"layer{i}")) for i in range(1, 5)) == (16 if depth == 50 else 33)
+    model.train()
+    optim = OptimWrapper(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3))
+    before = model.rpn_head.rpn_conv.weight.detach().clone()
+    data = demo_mm_inputs(batch_size=1, image_shapes=[(3, 128, 160)], num_items=[3], num_classes=80)
+    losses = model.train_step(data, optim)
+    assert {"loss_rpn_cls", "loss_rpn_bbox", "loss_cls", "loss_bbox"} <= set(losses)
+    assert all(torch.isfinite(v).all() for v in losses.values())
+    assert not torch.equal(before, model.rpn_head.rpn_conv.weight), "the step must update the weights"
+    frozen = [p.grad for p in model.backbone.body.layer1.parameters()]
+    assert all(g is None for g in frozen), "frozen_stages=1 keeps res2 out of the backward pass"
+
+    model.eval()
+    with torch.no_grad():
+        (pred,) = model.test_step(demo_mm_inputs(batch_size=1, image_shapes=[(3, 128, 160)], num_classes=80))
+    boxes = pred.pred_instances
+    assert boxes.bboxes.shape[1] == 4 and len(boxes.bboxes) == len(boxes.scores) == len(boxes.labels) <= 100
+    assert boxes.labels.max().item() < 80 if len(boxes.labels) else True
+
+
+# ---------------------------------------------------------------------------------------------- backbone
+
+
+@pytest.mark.parametrize(("depth", "channels"), [(18, (64, 128, 256, 512)), (50, (256, 512, 1024, 2048))])
+def test_backbone_contract(depth, channels):
+    net = SEResNet(depth, stage_blocks=TINY, out_indices=(0, 1, 2, 3))
+    assert net.out_channels == channels and net.strides == (4, 8, 16, 32)
+    net.eval()
+    outs = net(torch.randn(2, 3, 96, 128))
+    assert [tuple(o.shape) for o in outs] == [
+        (2, c, 96 // s, 128 // s) for c, s in zip(channels, (4, 8, 16, 32), strict=True)
+    ]
+    subset = SEResNet(depth, stage_blocks=TINY, out_indices=(1, 3)).eval()
+    assert [o.shape[1] for o in subset(torch.randn(1, 3, 64, 64))] == [channels[1], channels[3]]
+    with pytest.raises(ValueError, match="out_indices"):
+        SEResNet(depth, out_indices=(4,))
+    with pytest.raises(ValueError, match="depth"):
+        SEResNet(26)
+
+
+def test_backbone_matches_mmdet_resnet():
+    """With SE off our backbone is a drop-in for mmdet's ResNet: its weights load and give the same features."""
+    theirs = MODELS.build(dict(type="ResNet", depth=50, norm_eval=False))
+    theirs.eval()  # mmdet's ResNet.train() returns None
+    with torch.no_grad():
+        for m in theirs.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+    ours = SEResNet(50, se=False).eval()
+    load_pretrained(ours.body, theirs.state_dict())
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        for a, b in zip(ours(x), theirs(x), strict=True):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("norm_eval", [True, False])
+def test_frozen_stages_and_norm_eval(norm_eval):
+    net = SEResNet(50, stage_blocks=TINY, frozen_stages=2, norm_eval=norm_eval)
+    net.train()
+    body = net.body
+    frozen = [body.conv1, body.bn1, body.layer1, body.layer2]
+    free = [body.layer3, body.layer4]
+    assert all(not p.requires_grad for m in frozen for p in m.parameters())
+    assert all(p.requires_grad for m in free for p in m.parameters())
+    assert all(not m.training for part in frozen for m in part.modules())
+    free_bns = [m for part in free for m in part.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert free_bns and all(m.training is (not norm_eval) for m in free_bns)
+    assert body.layer3[0].conv1.training  # convs are in train mode either way
+    # frozen BN statistics do not move in a training forward pass
+    before = body.layer1[0].bn1.running_mean.clone()
+    net(torch.randn(2, 3, 64, 64))
+    assert torch.equal(before, body.layer1[0].bn1.running_mean)
+
+
+def test_norm_cfg_builds_the_requested_norm():
+    net = SEResNet(50, stage_blocks=TINY, norm_cfg=dict(type="GN", num_groups=16, requires_grad=False))
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert len(norms) == 1 + 4 * 4  # stem + 3 per block + downsample, one block per stage
+    assert all(not p.requires_grad for m in norms for p in m.parameters())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+
+
+def test_caffe_style_moves_the_stride():
+    pytorch, caffe = SEResNet(50, stage_blocks=TINY), SEResNet(50, stage_blocks=TINY, style="caffe")
+    assert pytorch.body.layer2[0].conv2.stride == (2, 2) and pytorch.body.layer2[0].conv1.stride == (1, 1)
+    assert caffe.body.layer2[0].conv1.stride == (2, 2) and caffe.body.layer2[0].conv2.stride == (1, 1)
+    assert caffe.body.maxpool.ceil_mode and caffe.body.maxpool.padding == 0
+    assert caffe.eval()(torch.randn(1, 3, 64, 64))[0].shape[-2:] == (16, 16)
+
+
+def test_se_options_reach_the_blocks():
+    net = SEResNet(50, stage_blocks=TINY, se_reduction=8, se_stages=(3, 4), se_gate="tanh")
+    assert net.body.layer1[0].se is None and net.body.layer4[0].se is None
+    se = net.body.layer2[0].se
+    assert se.fc1.out_channels == 512 // 8 and se.gate_name == "tanh"
+    assert SEResNet(50, stage_blocks=TINY, se=False).body.layer2[0].se is None
+
+
+# ---------------------------------------------------------------------------------------------- weights
+
+
+@pytest.fixture(scope="module")
+def imagenet_checkpoint(tmp_path_factory):
+    """A random 'ImageNet' SE-ResNet-50 (one block per stage) saved as a Lightning checkpoint, and its model."""
+    reference = create_model("se_resnet50", layers=TINY)
+    with torch.no_grad():
+        for m in reference.modules():  # non-trivial BN statistics, so a missed buffer would show
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    path = tmp_path_factory.mktemp("weights") / "se_resnet50.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in reference.state_dict().items()}, "epoch": 3}, path)
+    return path, reference.eval()
+
+
+def test_init_cfg_pretrained_gives_our_resnets_features(imagenet_checkpoint):
+    path, reference = imagenet_checkpoint
+    cfg = _config("faster-rcnn_se-r50_fpn_2x_coco.py")
+    cfg.model.backbone.update(stage_blocks=TINY, init_cfg=dict(type="Pretrained", checkpoint=str(path)))
+    detector = MODELS.build(cfg.model)
+    detector.init_weights()  # what the Runner does before training
+    backbone = detector.backbone.eval()
+    x = torch.randn(2, 3, 96, 128)
+    with torch.no_grad():
+        expected = reference.forward_features(x)
+        got = backbone(x)
+    for name, feature in zip(("res2", "res3", "res4", "res5"), got, strict=True):
+        assert torch.equal(feature, expected[name]), name
+
+
+def test_mismatched_weights_are_refused_and_leave_the_backbone_unchanged(tmp_path):
+    plain = create_model("resnet50", layers=TINY)
+    path = tmp_path / "resnet50.pth"
+    torch.save(plain.state_dict(), path)
+    net = SEResNet(50, stage_blocks=TINY, init_cfg=dict(type="Pretrained", checkpoint=str(path)))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(CheckpointError, match=str(path)):
+        net.init_weights()
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        SEResNet(50, init_cfg=dict(type="Pretrained", checkpoint=str(tmp_path / "absent.pth"))).init_weights()
+
+
+def test_same_checkpoint_same_features_in_detectron2(tmp_path):
+    """One backbone, two engines: one ImageNet checkpoint, loaded by each engine's Table 7 config, same features."""
+    pytest.importorskip("detectron2", reason="detectron2 is not installed (no package registry carries it)")
+    from detection.engine import build_model_from_config
+
+    reference = create_model("se_resnet50")
+    with torch.no_grad():
+        for m in reference.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    path = tmp_path / "se_resnet50.pth"
+    torch.save(reference.state_dict(), path)
+
+    d2_config = REPO / "configs" / "faster_rcnn_se_r50.yaml"
+    d2 = build_model_from_config(d2_config, ["MODEL.WEIGHTS", str(path)], load_weights=True)
+    cfg = _config("faster-rcnn_se-r50_fpn_2x_coco.py")
+    cfg.model.backbone.init_cfg.checkpoint = str(path)
+    mm = MODELS.build(cfg.model)
+    mm.init_weights()
+    x = torch.randn(1, 3, 128, 160)
+    with torch.no_grad():
+        d2_features = d2.backbone.bottom_up(x)
+        mm_features = mm.backbone.eval()(x)
+        expected = reference.eval().forward_features(x)
+    for name, feature in zip(("res2", "res3", "res4", "res5"), mm_features, strict=True):
+        assert torch.equal(feature, expected[name]), name
+        # detectron2 folds the frozen BN into a scale and shift: equal up to float rounding
+        torch.testing.assert_close(d2_features[name], feature, rtol=1e-4, atol=1e-4 * feature.abs().max().item())
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+
+
+def _tool_main():
+    sys.path.insert(0, str(REPO / "tools"))
+    import train_mmdet
+
+    return train_mmdet.main
+
+
+def test_missing_coco_is_one_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
+    main = _tool_main()
+    with pytest.raises(SystemExit) as exc:
+        mmdet_runner.main_guard(main, [str(CONFIGS / "faster-rcnn_se-r50_fpn_2x_coco.py"), "--work-dir", str(tmp_path)])
+    message = str(exc.value.code)
+    assert message.startswith("error: dataset files missing")
+    assert f"{tmp_path}/coco/annotations/instances_train2017.json" in message and "train2017/" in message
+
+
+@pytest.mark.parametrize(
+    ("blocked", "expected"),
+    [
+        ("mmcv", "mmcv is not installed"),
+        ("mmcv.ops", "has no usable compiled ops"),
+        ("mmdet", "mmdet is not installed"),
+    ],
+)
+def test_unusable_mmcv_is_one_clear_message(blocked, expected, monkeypatch):
+    monkeypatch.setitem(sys.modules, blocked, None)  # makes `import blocked` raise ImportError
+    with pytest.raises(SystemExit) as exc:
+        mmdet_runner.main_guard(_tool_main(), [str(SMOKE)])
+    message = str(exc.value.code)
+    assert expected in message and "uv sync --extra mmdet" in message and "--no-build-isolation mmcv==2.1.0" in message
+
+
+def test_mmcv_version_mmdet_refuses(monkeypatch):
+    import mmcv
+
+    monkeypatch.setattr(mmcv, "__version__", "2.2.0")
+    monkeypatch.delitem(sys.modules, "mmdet")  # re-runs mmdet/__init__.py's version assertion only
+    with pytest.raises(mmdet_runner.MMDetUnavailable, match=r"mmdet refuses.*mmcv>=2.0.0rc4, <2.2.0.*uv sync"):
+        mmdet_runner.check_mmdet()
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def _small_heads(depth: int) -> dict:
+    """cfg_options shrinking the smoke detector for the test budget: SE-ResNet-`depth`, 64-channel FPN/heads."""
+    channels = [64, 128, 256, 512] if depth < 50 else [256, 512, 1024, 2048]
+    return {
+        "model.backbone.depth": depth,
+        "model.neck.in_channels": channels,
+        "model.neck.out_channels": 64,
+        "model.rpn_head.in_channels": 64,
+        "model.rpn_head.feat_channels": 64,
+        "model.roi_head.bbox_roi_extractor.out_channels": 64,
+        "model.roi_head.bbox_head.in_channels": 64,
+        "model.roi_head.bbox_head.fc_out_channels": 256,
+    }
+
+
+def test_smoke_config_uses_the_shared_synthetic_dataset(monkeypatch):
+    monkeypatch.delenv("DETECTRON2_DATASETS", raising=False)
+    cfg = mmdet_runner.load_config(SMOKE)
+    assert tuple(cfg.metainfo.classes) == SYNTHETIC_CLASSES
+    assert cfg.synthetic_data.root == cfg.train_dataloader.dataset.data_root == "datasets/synthetic_coco/"
+    assert cfg.model.backbone.type == "SEResNet" and cfg.model.backbone.depth == 50 and cfg.model.backbone.se
+    assert cfg.model.roi_head.bbox_head.num_classes == len(SYNTHETIC_CLASSES)
+    assert cfg.val_evaluator.type == "CocoMetric" and cfg.val_evaluator.metric == "bbox"
+    data = pytest.importorskip("detection.data", reason="detectron2 is not installed: its smoke options are unknown")
+    options = {k: v for k, v in cfg.synthetic_data.items() if k != "root"}
+    assert options == data.SYNTHETIC_OPTIONS, "both engines' smoke runs must train on the same files"
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def _record_hook():
+    from mmengine.hooks import Hook
+
+    class Record(Hook):
+        """Records the stem weights the first training iteration starts from."""
+
+        def __init__(self, into):
+            self.into = into
+
+        def before_train_iter(self, runner, batch_idx, data_batch=None):
+            if not self.into:
+                self.into.append(runner.model.backbone.body.conv1.weight.detach().clone())
+
+    return Record
+
+
+def test_interrupted_training_resumes_from_the_last_checkpoint(tmp_path, monkeypatch):
+    """A run killed after iteration 3 resumes from iter_2.pth (last_checkpoint) and runs only iterations 3-4."""
+    from mmengine.hooks import Hook
+
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "data"))
+    options = {
+        **_small_heads(18),
+        "model.backbone.stage_blocks": TINY,
+        "synthetic_data.num_train": 8,
+        "synthetic_data.num_val": 2,
+        "train_cfg.max_iters": 4,
+        "train_dataloader.batch_size": 2,
+        "default_hooks.checkpoint.interval": 2,
+        "val_dataloader": None,
+        "val_cfg": None,
+        "val_evaluator": None,
+    }
+
+    class Stop(Hook):
+        def __init__(self, at=None):
+            self.at, self.done = at, []
+
+        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+            self.done.append(runner.iter + 1)
+            if runner.iter + 1 == self.at:
+                raise _Crash(f"simulated crash after iteration {self.at}")
+
+    def start(resume, stop):
+        cfg = mmdet_runner.load_config(SMOKE, work_dir=str(tmp_path / "run"), cfg_options=options, resume=resume)
+        cfg.experiment_name = f"resume_{resume}"
+        mmdet_runner.prepare_data(cfg)
+        runner, _ = mmdet_runner.build_runner(cfg)
+        runner.register_hook(stop, priority="LOWEST")
+        return runner
+
+    crashed = Stop(at=3)
+    with pytest.raises(_Crash):
+        start(False, crashed).train()
+    assert crashed.done == [1, 2, 3]
+    assert (tmp_path / "run" / "last_checkpoint").read_text().endswith("iter_2.pth")
+    assert not (tmp_path / "run" / "iter_4.pth").exists()
+
+    resumed = Stop()
+    runner = start(True, resumed)
+    loaded = []
+    runner.register_hook(_record_hook()(loaded), priority="LOWEST")
+    runner.train()
+    assert resumed.done == [3, 4] and runner.iter == 4
+    # resumed from iter_2.pth, a weights-only load (mmengine's torch.load through our allow-list)
+    saved = torch.load(tmp_path / "run" / "iter_2.pth", weights_only=True)["state_dict"]
+    assert torch.equal(loaded[0], saved["backbone.body.conv1.weight"])
+    assert (tmp_path / "run" / "iter_4.pth").is_file()
+
+
+@pytest.mark.slow
+def test_smoke_training_reaches_nontrivial_ap(tmp_path, monkeypatch):
+    """The smoke config, shrunk to SE-ResNet-18 with 64-channel heads, trains from scratch to a real COCO AP."""
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "data"))
+    iters = SMOKE_TEST_ITERS
+    options = {
+        **_small_heads(18),
+        "train_cfg.max_iters": iters,
+        "train_cfg.val_interval": iters,
+        "param_scheduler.1.end": iters,
+        "param_scheduler.1.milestones": [int(iters * 0.75), int(iters * 0.92)],
+        "default_hooks.checkpoint.interval": iters,
+    }
+    cfg = mmdet_runner.load_config(SMOKE, work_dir=str(tmp_path / "run"), cfg_options=options)
+    cfg.experiment_name = "smoke"
+    metrics = mmdet_runner.run(cfg)
+    print(f"synthetic smoke: {metrics}")
+    assert metrics["coco/bbox_mAP_50"] > SMOKE_MIN_AP50 and metrics["coco/bbox_mAP"] > SMOKE_MIN_AP
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == metrics
+    assert (tmp_path / "run" / f"iter_{iters}.pth").is_file()

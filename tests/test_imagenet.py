@@ -1,0 +1,109 @@
+"""ImageNet (ILSVRC2012) layout, the ImageNet trainer, and Places365 fine-tuning from its checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from backbones import create_model
+from backbones.loader import load_pretrained
+from places365 import DataError, ImageNetDataModule, SyntheticPlaces365, make_synthetic_places365
+from places365.cli import imagenet_cli, places365_cli
+
+REPO = Path(__file__).resolve().parents[1]
+# created out of sorted order: the class ids must still follow the sorted WordNet ids
+WNIDS = {"n04592741": (200, 40, 40), "n01440764": (40, 200, 40), "n02102040": (40, 40, 200)}
+SORTED = sorted(WNIDS)
+TINY = ["--model.model", "resnet18", "--model.model_options", "{layers: [1, 1, 1, 1]}"]
+
+
+def make_imagenet(root: Path, per_class: int = 2) -> Path:
+    """train/<wnid>/<wnid>_<n>.JPEG (500x375 and 333x500, as ILSVRC2012 sizes run), val/<wnid>/ILSVRC2012_val_*.JPEG."""
+    for val_index, (wnid, colour) in enumerate(WNIDS.items(), start=1):
+        for i in range(per_class):
+            size = (500, 375) if i % 2 == 0 else (333, 500)
+            path = root / "train" / wnid / f"{wnid}_{i + 1}.JPEG"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", size, colour).save(path, quality=95)
+        path = root / "val" / wnid / f"ILSVRC2012_val_{val_index:08d}.JPEG"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (500, 400), colour).save(path, quality=95)
+    return root
+
+
+def test_imagenet_layout(tmp_path):
+    root = make_imagenet(tmp_path / "imagenet")
+    dm = ImageNetDataModule(str(root), batch_size=2, num_workers=0, crop_size=32, resize_size=37)
+    dm.setup("fit")
+    assert dm.class_names == SORTED and dm.num_classes == 3
+    assert len(dm.train_set) == 6 and len(dm.val_set) == 3
+    sample = dm.train_set.samples[0]
+    assert sample.path == str(root / "train/n01440764/n01440764_1.JPEG") and sample.label == 0
+    for dataset in (dm.train_set, dm.val_set):
+        for i in range(len(dataset)):
+            image, label = dataset[i]
+            assert image.shape == (3, 32, 32)
+            rgb = image.float().mean((1, 2))
+            torch.testing.assert_close(rgb, torch.tensor(WNIDS[SORTED[label]], dtype=torch.float32), atol=4, rtol=0)
+
+
+def test_imagenet_layout_errors(tmp_path):
+    root = make_imagenet(tmp_path / "imagenet", per_class=1)
+    flat = root / "val" / "ILSVRC2012_val_00000009.JPEG"
+    flat.write_bytes((root / "val/n01440764/ILSVRC2012_val_00000002.JPEG").read_bytes())
+    with pytest.raises(DataError, match="holds images directly.*sort them into"):
+        ImageNetDataModule(str(root), num_workers=0).setup("validate")
+    flat.unlink()
+    (root / "val/n09999999").mkdir()
+    (root / "val/n01440764/ILSVRC2012_val_00000002.JPEG").rename(root / "val/n09999999/x.JPEG")
+    with pytest.raises(DataError, match="'n09999999' is no ImageNet wnid folder"):
+        ImageNetDataModule(str(root), num_workers=0).setup("validate")
+    (root / "train/dogs").mkdir()
+    with pytest.raises(DataError, match=r"\['dogs'\] are not WordNet ids"):
+        ImageNetDataModule(str(root), num_workers=0).setup("fit")
+
+
+@pytest.mark.slow
+def test_finetune_places365_from_imagenet_trainer_checkpoint(tmp_path):
+    """ImageNet trainer (Section 5.1 config, tiny model) -> last.ckpt -> the common loader -> Places365 fine-tuning."""
+    make_imagenet(tmp_path / "imagenet")
+    common = ["--data.num_workers", "0", "--data.crop_size", "32", "--data.resize_size", "37"]
+    common += ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32"]
+    common += ["--trainer.enable_progress_bar", "false", "--trainer.logger", "false"]
+    common += ["--trainer.num_sanity_val_steps", "0", "--trainer.limit_val_batches", "0"]
+    common += ["--checkpoint.save_top_k", "0"]  # last.ckpt only
+    imagenet_cli(
+        ["fit", "--config", str(REPO / "configs/imagenet_se_resnet50.yaml"), *TINY, *common,
+         "--model.num_classes", "3", "--data.root", str(tmp_path / "imagenet"), "--data.batch_size", "3",
+         "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(tmp_path / "in1k")]
+    )  # fmt: skip
+    ckpt = tmp_path / "in1k/checkpoints/last.ckpt"
+    trained = {k.removeprefix("model."): v for k, v in torch.load(ckpt, weights_only=True)["state_dict"].items()}
+
+    # the common loader reads the Lightning checkpoint as it is
+    model = create_model("resnet18", layers=(1, 1, 1, 1), num_classes=3)
+    report = load_pretrained(model, str(ckpt))
+    assert not report.missing and not report.unexpected
+    torch.testing.assert_close(model.state_dict(), trained, atol=0, rtol=0)
+
+    places = make_synthetic_places365(
+        tmp_path / "places365", SyntheticPlaces365(classes=2, train_per_class=4, val_per_class=2, image_size=96)
+    )
+    cli = places365_cli(
+        ["--config", str(REPO / "configs/places365_se_resnet50_finetune.yaml"), *TINY, *common,
+         "--model.pretrained", str(ckpt), "--data.root", str(places), "--data.batch_size", "4",
+         "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(tmp_path / "ft")],
+        run=False,
+    )  # fmt: skip
+    network = cli.model.model
+    assert network.fc.out_features == 365  # the 3-class ImageNet head was dropped, a 365-class one built
+    for key, value in network.state_dict().items():
+        if not key.startswith("fc."):
+            torch.testing.assert_close(value, trained[key], atol=0, rtol=0, msg=key)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss_epoch"])
+    assert not torch.equal(network.conv1.weight, trained["conv1.weight"])  # fine-tuning moved the weights
+    assert (tmp_path / "ft/checkpoints/last.ckpt").is_file()
