@@ -161,8 +161,16 @@ class ClassificationModule(LightningModule):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) -> logits (N, num_classes)."""
-        return self.model(x)
+        """(N, 3, H, W) -> logits (N, C); (N, K, 3, H, W) (K crops, e.g. ten-crop) -> log of the mean softmax (N, C).
+
+        The log mean-softmax is a valid logit: its softmax is the crops' mean softmax, so the loss and the
+        top-1/top-5 errors become the multi-crop ones with no other change.
+        """
+        if x.ndim != 5:
+            return self.model(x)
+        n, k = x.shape[:2]
+        probs = self.model(x.flatten(0, 1)).float().softmax(1).view(n, k, -1).mean(1)
+        return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float(), target, label_smoothing=self.hparams.label_smoothing)

@@ -50,7 +50,8 @@ class SEResNet(BaseModule):
         zero_init_residual: zero the last norm of each block when no pretrained weights are loaded.
         init_cfg: `dict(type="Pretrained", checkpoint=PATH, **loader_options)` loads PATH through
             `backbones.loader.load_pretrained` (any format it reads; options such as prefix, format, ema,
-            trusted pass through); other mmengine initialisers are applied as mmengine does.
+            trusted pass through); checkpoint None or "" trains from scratch; other mmengine initialisers
+            are applied as mmengine does.
     """
 
     def __init__(
@@ -146,6 +147,8 @@ class SEResNet(BaseModule):
         if others:
             initialize(self, others)
         for cfg in pretrained:
+            if not cfg.get("checkpoint"):
+                continue  # checkpoint None / "": from scratch, like detectron2's MODEL.WEIGHTS ""
             # Extra keys (prefix, map_location, format, ema, trusted, strict) go to the loader as they are.
             options = {k: v for k, v in cfg.items() if k not in ("type", "checkpoint")}
             load_pretrained(self.body, cfg["checkpoint"], **options)

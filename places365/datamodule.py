@@ -31,7 +31,6 @@ from .lists import (
     scan_class_folders,
 )
 from .synthetic import SyntheticPlaces365, make_synthetic_places365
-from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
 
@@ -61,30 +60,10 @@ class Places365DataModule(ImageClassificationDataModule):
         layout: Literal["auto", "lists", "easyformat"] = "auto",
         categories_file: str | None = None,
         synthetic: SyntheticPlaces365 | None = None,
-        batch_size: int = 256,
-        eval_batch_size: int | None = None,
-        num_workers: int = 8,
-        crop_size: int = 224,
-        resize_size: int = 256,
-        scale: tuple[float, float] = (0.08, 1.0),
-        ten_crop: bool = False,
-        skip_bad_samples: bool = False,
-        mean: tuple[float, float, float] = IMAGENET_MEAN,
-        std: tuple[float, float, float] = IMAGENET_STD,
+        **kwargs,
     ):
-        super().__init__(
-            root,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            crop_size=crop_size,
-            resize_size=resize_size,
-            scale=scale,
-            ten_crop=ten_crop,
-            skip_bad_samples=skip_bad_samples,
-            mean=mean,
-            std=std,
-        )
+        # the loader, batch and augmentation options are the base class's (LightningCLI resolves **kwargs)
+        super().__init__(root, **kwargs)
         self.train_set_name = train_set
         self.resolution = resolution
         self.layout = layout

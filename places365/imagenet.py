@@ -14,7 +14,6 @@ from pathlib import Path
 
 from .data import ImageClassificationDataModule
 from .lists import DataError, SampleTable, scan_class_folders
-from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 WNID = re.compile(r"n\d{8}")
 
@@ -28,30 +27,10 @@ class ImageNetDataModule(ImageClassificationDataModule):
     def __init__(
         self,
         root: str = "datasets/imagenet",
-        batch_size: int = 256,
-        eval_batch_size: int | None = None,
-        num_workers: int = 8,
-        crop_size: int = 224,
-        resize_size: int = 256,
-        scale: tuple[float, float] = (0.08, 1.0),
-        ten_crop: bool = False,
-        skip_bad_samples: bool = False,
-        mean: tuple[float, float, float] = IMAGENET_MEAN,
-        std: tuple[float, float, float] = IMAGENET_STD,
+        **kwargs,
     ):
-        super().__init__(
-            root,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            crop_size=crop_size,
-            resize_size=resize_size,
-            scale=scale,
-            ten_crop=ten_crop,
-            skip_bad_samples=skip_bad_samples,
-            mean=mean,
-            std=std,
-        )
+        # the loader, batch and augmentation options are the base class's (LightningCLI resolves **kwargs)
+        super().__init__(root, **kwargs)
 
     @cached_property
     def class_names(self) -> list[str]:

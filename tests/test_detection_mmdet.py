@@ -19,6 +19,7 @@ except mmdet_runner.MMDetUnavailable as e:
 
 from mmdet.registry import MODELS  # noqa: E402
 from mmdet.testing import demo_mm_inputs  # noqa: E402
+from mmengine.hooks import Hook  # noqa: E402
 from mmengine.optim import OptimWrapper  # noqa: E402
 
 from backbones import create_model  # noqa: E402
@@ -345,19 +346,9 @@ def test_mmcv_version_mmdet_refuses(monkeypatch):
 # ---------------------------------------------------------------------------------------------- training
 
 
-def _small_heads(depth: int) -> dict:
-    """cfg_options shrinking the smoke detector for the test budget: SE-ResNet-`depth`, 64-channel FPN/heads."""
-    channels = [64, 128, 256, 512] if depth < 50 else [256, 512, 1024, 2048]
-    return {
-        "model.backbone.depth": depth,
-        "model.neck.in_channels": channels,
-        "model.neck.out_channels": 64,
-        "model.rpn_head.in_channels": 64,
-        "model.rpn_head.feat_channels": 64,
-        "model.roi_head.bbox_roi_extractor.out_channels": 64,
-        "model.roi_head.bbox_head.in_channels": 64,
-        "model.roi_head.bbox_head.fc_out_channels": 256,
-    }
+def _depth18() -> dict:
+    """cfg_options turning the smoke config's SE-ResNet-50 into an SE-ResNet-18, for the test budget."""
+    return {"model.backbone.depth": 18, "model.neck.in_channels": [64, 128, 256, 512]}
 
 
 def test_smoke_config_uses_the_shared_synthetic_dataset(monkeypatch):
@@ -377,29 +368,28 @@ class _Crash(RuntimeError):
     pass
 
 
-def _record_hook():
-    from mmengine.hooks import Hook
+class _Iterations(Hook):
+    """Records the iterations a run executes (1-based) and the stem weights its first iteration starts from;
+    raises _Crash after iteration `crash_after`, as a killed job would stop."""
 
-    class Record(Hook):
-        """Records the stem weights the first training iteration starts from."""
+    def __init__(self, crash_after: int | None = None):
+        self.crash_after, self.done, self.start_weights = crash_after, [], None
 
-        def __init__(self, into):
-            self.into = into
+    def before_train_iter(self, runner, batch_idx, data_batch=None):
+        if self.start_weights is None:
+            self.start_weights = runner.model.backbone.body.conv1.weight.detach().clone()
 
-        def before_train_iter(self, runner, batch_idx, data_batch=None):
-            if not self.into:
-                self.into.append(runner.model.backbone.body.conv1.weight.detach().clone())
-
-    return Record
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        self.done.append(runner.iter + 1)
+        if runner.iter + 1 == self.crash_after:
+            raise _Crash(f"simulated crash after iteration {self.crash_after}")
 
 
 def test_interrupted_training_resumes_from_the_last_checkpoint(tmp_path, monkeypatch):
     """A run killed after iteration 3 resumes from iter_2.pth (last_checkpoint) and runs only iterations 3-4."""
-    from mmengine.hooks import Hook
-
     monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "data"))
     options = {
-        **_small_heads(18),
+        **_depth18(),
         "model.backbone.stage_blocks": TINY,
         "synthetic_data.num_train": 8,
         "synthetic_data.num_val": 2,
@@ -411,49 +401,36 @@ def test_interrupted_training_resumes_from_the_last_checkpoint(tmp_path, monkeyp
         "val_evaluator": None,
     }
 
-    class Stop(Hook):
-        def __init__(self, at=None):
-            self.at, self.done = at, []
-
-        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
-            self.done.append(runner.iter + 1)
-            if runner.iter + 1 == self.at:
-                raise _Crash(f"simulated crash after iteration {self.at}")
-
-    def start(resume, stop):
+    def run(resume: bool, crash_after: int | None = None) -> tuple[_Iterations, object]:
         cfg = mmdet_runner.load_config(SMOKE, work_dir=str(tmp_path / "run"), cfg_options=options, resume=resume)
         cfg.experiment_name = f"resume_{resume}"
         mmdet_runner.prepare_data(cfg)
         runner, _ = mmdet_runner.build_runner(cfg)
-        runner.register_hook(stop, priority="LOWEST")
-        return runner
+        record = _Iterations(crash_after)
+        runner.register_hook(record, priority="LOWEST")
+        runner.train()
+        return record, runner
 
-    crashed = Stop(at=3)
     with pytest.raises(_Crash):
-        start(False, crashed).train()
-    assert crashed.done == [1, 2, 3]
+        run(resume=False, crash_after=3)
     assert (tmp_path / "run" / "last_checkpoint").read_text().endswith("iter_2.pth")
     assert not (tmp_path / "run" / "iter_4.pth").exists()
 
-    resumed = Stop()
-    runner = start(True, resumed)
-    loaded = []
-    runner.register_hook(_record_hook()(loaded), priority="LOWEST")
-    runner.train()
-    assert resumed.done == [3, 4] and runner.iter == 4
-    # resumed from iter_2.pth, a weights-only load (mmengine's torch.load through our allow-list)
+    record, runner = run(resume=True)
+    assert record.done == [3, 4] and runner.iter == 4
+    # it started from iter_2.pth, read weights-only (mmengine's torch.load through our allow-list)
     saved = torch.load(tmp_path / "run" / "iter_2.pth", weights_only=True)["state_dict"]
-    assert torch.equal(loaded[0], saved["backbone.body.conv1.weight"])
+    assert torch.equal(record.start_weights, saved["backbone.body.conv1.weight"])
     assert (tmp_path / "run" / "iter_4.pth").is_file()
 
 
 @pytest.mark.slow
 def test_smoke_training_reaches_nontrivial_ap(tmp_path, monkeypatch):
-    """The smoke config, shrunk to SE-ResNet-18 with 64-channel heads, trains from scratch to a real COCO AP."""
+    """The smoke config with an SE-ResNet-18 trains from scratch to a clearly non-trivial COCO AP."""
     monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "data"))
     iters = SMOKE_TEST_ITERS
     options = {
-        **_small_heads(18),
+        **_depth18(),
         "train_cfg.max_iters": iters,
         "train_cfg.val_interval": iters,
         "param_scheduler.1.end": iters,

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from classification.module import ClassificationModule
 from places365 import DataError, ImageSampleDataset, Places365DataModule, build_eval_transform, build_train_transform
-from places365.cli import MultiCropClassificationModule, imagenet_cli, places365_cli
+from places365.cli import imagenet_cli, places365_cli
 from places365.dataset import seed_worker
 from places365.lists import SampleTable
 from places365.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize, ten_crops
@@ -321,7 +321,7 @@ def test_ten_crop_evaluation_averages_the_softmax():
     hand_top1 = 100 * (mean_prob.argmax(1) != targets).float().mean().item()
     hand_loss = -mean_prob[torch.arange(30), targets].log().mean().item()
     assert hand_top1 != 100 * (logits.mean(1).argmax(1) != targets).float().mean().item()  # != averaging logits
-    module = MultiCropClassificationModule(LogitsInImage(), num_classes=12)
+    module = ClassificationModule(LogitsInImage(), num_classes=12)
     metrics = validate(module, logits.view(30, 10, 1, 1, 12), targets)
     assert metrics["val/top1_error"] == pytest.approx(hand_top1, abs=1e-4)
     assert metrics["val/loss"] == pytest.approx(hand_loss, rel=1e-4)

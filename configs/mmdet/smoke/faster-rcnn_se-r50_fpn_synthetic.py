@@ -3,8 +3,8 @@
 #
 #   python tools/train_mmdet.py configs/mmdet/smoke/faster-rcnn_se-r50_fpn_synthetic.py
 #
-# Same detector code and backbone class as the COCO configs; only the data, the image size, the schedule and
-# the sizes of the RPN / RoI sampling change, and BN trains (no ImageNet statistics to keep).
+# Same detector code and backbone class as the COCO configs; only the data, the image size, the schedule, the
+# width of FPN and heads and the RPN / RoI sample sizes change, and BN trains (no ImageNet statistics to keep).
 _base_ = "../faster-rcnn_se-r50_fpn_2x_coco.py"
 
 # tools/train_mmdet.py calls detection.synthetic.make_synthetic_coco(**synthetic_data) before building the run
@@ -17,9 +17,21 @@ metainfo = dict(classes=("red_rectangle", "green_ellipse", "blue_triangle", "yel
 image_scale = (128, 128)
 
 model = dict(
-    backbone=dict(frozen_stages=-1, norm_eval=False, init_cfg=None),
-    rpn_head=dict(anchor_generator=dict(scales=[4])),  # objects are 15..51 px: anchors 16..256 px
-    roi_head=dict(bbox_head=dict(num_classes=len(metainfo["classes"]))),
+    # From scratch (no weights can be downloaded here); `--cfg-options model.backbone.init_cfg.checkpoint=PATH`
+    # starts from ImageNet weights instead.
+    backbone=dict(frozen_stages=-1, norm_eval=False, init_cfg=dict(checkpoint=None)),
+    # FPN and heads at a quarter of the COCO width (64 channels, 256-d box FCs): on CPU they would otherwise
+    # cost as much as the SE-ResNet-50 itself.
+    neck=dict(out_channels=64),
+    rpn_head=dict(
+        in_channels=64,
+        feat_channels=64,
+        anchor_generator=dict(scales=[4]),  # objects are 15..51 px: anchors of 16..256 px on P2..P6
+    ),
+    roi_head=dict(
+        bbox_roi_extractor=dict(out_channels=64),
+        bbox_head=dict(in_channels=64, fc_out_channels=256, num_classes=len(metainfo["classes"])),
+    ),
     train_cfg=dict(
         rpn=dict(sampler=dict(num=128)),
         rpn_proposal=dict(nms_pre=500, max_per_img=200),
@@ -86,3 +98,4 @@ default_hooks = dict(
 )
 log_processor = dict(by_epoch=False)
 env_cfg = dict(dist_cfg=dict(backend="gloo"))
+randomness = dict(seed=0)  # repeatable smoke runs (model init, sampling, data order)
