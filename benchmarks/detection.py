@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from .models import Settings
-from .report import Figure, Row, Section
-from .timing import CLOCKS, Spread, interleave, paired_ratio, synchronizer
+from .report import Row, Section, ratio_figure
+from .timing import CLOCKS, Spread, interleave, synchronizer
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {"SE-R50-FPN": REPO / "configs/faster_rcnn_se_r50.yaml", "R50-FPN": REPO / "configs/faster_rcnn_r50.yaml"}
@@ -83,6 +83,8 @@ def run_detection(settings: Settings, log: Callable[[str], None] = print) -> Sec
         clock=CLOCKS[settings.clock],
     )
     section.rows = [Row(name, Spread.of(t), 1) for name, t in times.items()]
-    ratio = paired_ratio(times["SE-R50-FPN"], times["R50-FPN"])
-    section.figures.append(Figure("detection_se_overhead_infer", "SE-R50-FPN / R50-FPN (infer)", ratio, TARGET))
+    what = "SE-R50-FPN / R50-FPN (infer)"
+    section.figures.append(
+        ratio_figure("detection_se_overhead_infer", what, times["SE-R50-FPN"], times["R50-FPN"], TARGET)
+    )
     return section

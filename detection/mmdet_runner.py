@@ -3,13 +3,15 @@
 `check_mmdet()` turns a missing or unusable mmcv/mmdet into one sentence saying how to install it;
 `load_config()` reads a config and applies the command line; `prepare_data()` generates the synthetic dataset
 for configs that ask for it and otherwise checks the COCO files are where the config says; `build_runner()`
-builds the Runner with a hook that writes the latest metrics to `work_dir/metrics.json`.
+builds the Runner with a hook that writes the latest metrics to `work_dir/metrics.json`; `run()` does all of it.
 
 Importing this module needs neither mmcv nor mmdet; every function that does imports them itself.
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import json
 import os
 import sys
@@ -17,7 +19,7 @@ from pathlib import Path
 
 INSTALL_HINT = (
     "install the MMDetection extra with `uv sync --extra mmdet` (or `uv run --extra mmdet ...`); in another "
-    "environment install torch first, then `pip install --no-build-isolation mmcv==2.1.0 mmdet==3.3.0`"
+    "environment install torch first, then `pip install --no-build-isolation mmcv==2.1.0 && pip install mmdet==3.3.0`"
 )
 COCO_LAYOUT = (
     "{root}train2017/, {root}val2017/ and {root}annotations/instances_{{train,val}}2017.json "
@@ -35,10 +37,13 @@ class DatasetNotFound(FileNotFoundError):
 
 def check_mmdet() -> None:
     """Raise MMDetUnavailable with one clear sentence unless mmcv (with compiled ops), mmengine and mmdet work."""
-    try:
-        import mmcv
-    except ImportError as e:
-        raise MMDetUnavailable(f"mmcv is not installed ({e}): {INSTALL_HINT}") from None
+    for name in ("mmengine", "mmcv"):
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise MMDetUnavailable(f"{name} is not installed ({e}): {INSTALL_HINT}") from None
+    import mmcv
+
     try:
         import mmcv.ops  # noqa: F401  (loads the compiled extension mmcv._ext)
     except (ImportError, OSError) as e:
@@ -86,6 +91,15 @@ def allow_mmengine_checkpoints() -> None:
     torch.serialization.add_safe_globals(safe)
 
 
+def parse_cfg_options(items: list[str]) -> dict:
+    """["a.b=1", "c=[1,2]"] -> {"a.b": 1, "c": [1, 2]}, parsed as MMEngine's own `--cfg-options` are."""
+    from mmengine.config import DictAction
+
+    namespace = argparse.Namespace()
+    DictAction(option_strings=[], dest="options")(None, namespace, list(items))
+    return namespace.options
+
+
 def load_config(
     path: str | os.PathLike,
     *,
@@ -105,8 +119,6 @@ def load_config(
     from mmengine.config import Config
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
     cfg = Config.fromfile(str(path))
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
@@ -168,53 +180,53 @@ def prepare_data(cfg, *, train: bool = True) -> None:
         )
 
 
-class _MetricsWriter:
-    """Keep the latest val/test metrics and write them to `work_dir/metrics.json` (whole file or nothing)."""
+def _metrics_hook():
+    """A Hook keeping the latest val/test metrics (`.metrics`) and writing them to `work_dir/metrics.json`."""
+    from mmengine.dist import is_main_process
+    from mmengine.hooks import Hook
 
-    priority = "LOWEST"
+    class MetricsHook(Hook):
+        priority = "LOWEST"
 
-    def __init__(self) -> None:
-        self.metrics: dict[str, float] = {}
+        def __init__(self) -> None:
+            self.metrics: dict[str, float] = {}
 
-    def write(self, runner, metrics: dict | None) -> None:
-        if not metrics:
-            return
-        self.metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
-        path = Path(runner.work_dir, "metrics.json")
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.metrics, indent=2))
-        os.replace(tmp, path)
+        def after_val_epoch(self, runner, metrics: dict | None = None) -> None:
+            if not metrics:
+                return
+            self.metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+            if is_main_process():  # every rank gets the metrics; one writes them, whole file or nothing
+                path = Path(runner.work_dir, "metrics.json")
+                tmp = path.with_name(f".{path.name}.tmp")
+                tmp.write_text(json.dumps(self.metrics, indent=2))
+                os.replace(tmp, path)
+
+        after_test_epoch = after_val_epoch
+
+    return MetricsHook()
 
 
 def build_runner(cfg):
-    """`Runner.from_cfg(cfg)` (or the config's `runner_type`) plus the metrics writer; returns (runner, writer)."""
-    from mmengine.hooks import Hook
+    """`Runner.from_cfg(cfg)` (or the config's `runner_type`) with the metrics hook; returns (runner, hook)."""
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
 
     allow_mmengine_checkpoints()
     runner = RUNNERS.build(cfg) if "runner_type" in cfg else Runner.from_cfg(cfg)
-    writer = _MetricsWriter()
-
-    class MetricsHook(Hook):
-        def after_val_epoch(self, runner, metrics=None):
-            writer.write(runner, metrics)
-
-        def after_test_epoch(self, runner, metrics=None):
-            writer.write(runner, metrics)
-
-    runner.register_hook(MetricsHook(), priority=writer.priority)
-    return runner, writer
+    metrics = _metrics_hook()
+    runner.register_hook(metrics, priority=metrics.priority)
+    return runner, metrics
 
 
 def run(cfg, *, eval_only: bool = False) -> dict[str, float]:
     """Train (validating as the config says) or only evaluate; returns the latest COCO metrics."""
     prepare_data(cfg, train=not eval_only)
-    runner, writer = build_runner(cfg)
+    runner, metrics = build_runner(cfg)
     if eval_only:
-        return runner.test()
-    runner.train()
-    return writer.metrics
+        runner.test()
+    else:
+        runner.train()
+    return metrics.metrics
 
 
 def main_guard(fn, *args, **kwargs):

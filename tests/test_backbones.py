@@ -150,7 +150,8 @@ def test_se_hidden_width_rounding():
 def _captured_se_input(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     seen = {}
     module = block.se if block.se is not None else block.se_3x3
-    handle = module.register_forward_hook(lambda m, inp, out: seen.setdefault("x", inp[0].clone()))
+    # a pre-hook: in inference the fused SE scale-and-sum reuses its input's memory for the output
+    handle = module.register_forward_pre_hook(lambda m, inp: seen.setdefault("x", inp[0].clone()))
     with torch.no_grad():
         block(x)
     handle.remove()

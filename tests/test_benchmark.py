@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from benchmarks.models import COMPARISONS
-from benchmarks.report import Figure
+from benchmarks.report import Figure, ratio_figure
 from benchmarks.timing import Spread, count_flops, interleave, paired_ratio
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,6 +58,7 @@ def test_tiny_run_reports_every_model_ratio(tiny_run):
         assert isinstance(value, float) and math.isfinite(value) and value > 0, (key, value)
         figure = record["figures"][key]
         assert figure["min"] <= figure["median"] <= figure["max"]
+        assert math.isfinite(figure["best"]) and figure["best"] > 0
     # the targets come with a verdict; the legacy comparison is information only
     assert record["figures"]["se_overhead_infer"]["target"] == 1.02
     assert record["figures"]["se_overhead_train"]["target"] == 1.10
@@ -128,6 +129,13 @@ def test_paired_ratio_is_per_round():
     assert paired_ratio(a, b) == Spread(0.5, 0.5, 0.5)
     with pytest.raises(ValueError):
         paired_ratio([1.0], [1.0, 2.0])
+
+
+def test_ratio_figure_gives_paired_median_and_best_of():
+    figure = ratio_figure("r", "", [3.0, 1.0, 9.0], [2.0, 2.0, 3.0], target=1.0)
+    assert figure.value == Spread(1.5, 0.5, 3.0)  # per-round ratios 1.5, 0.5, 3.0
+    assert figure.best == 0.5  # fastest 1.0 / fastest 2.0
+    assert figure.verdict == "MISS"
 
 
 def test_count_flops_matches_hand_count():

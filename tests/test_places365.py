@@ -328,7 +328,7 @@ def test_ten_crop_evaluation_averages_the_softmax():
 
 
 @pytest.mark.slow
-def test_smoke_config_trains_and_loss_falls(tmp_path):
+def test_smoke_config_trains_and_loss_falls(tmp_path, categories):  # the generator copies the real file
     """The embedded default (configs/smoke/places365_synthetic.yaml), shrunk: generated release, a few steps;
     then the last checkpoint evaluated on ten crops through the same CLI."""
     out = tmp_path / "out"

@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--local-rank", "--local_rank", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if not Path(args.config).is_file():
+        parser.error(f"config file {args.config} does not exist")
     if args.eval_only and not args.checkpoint:
         parser.error("--eval-only needs --checkpoint PATH (a detector checkpoint, e.g. WORK_DIR/epoch_24.pth)")
     os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
@@ -68,16 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     mmdet_runner.check_mmdet()
-    from mmengine.config import DictAction
-
-    cfg_options = {}
-    if args.cfg_options:
-        parser = argparse.ArgumentParser()
-        parser.add_argument("--o", nargs="+", action=DictAction)
-        cfg_options = parser.parse_args(["--o", *args.cfg_options]).o
     cfg = mmdet_runner.load_config(
         args.config,
-        cfg_options=cfg_options,
+        cfg_options=mmdet_runner.parse_cfg_options(args.cfg_options),
         work_dir=args.work_dir,
         launcher=args.launcher,
         resume=args.resume,
