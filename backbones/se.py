@@ -63,7 +63,9 @@ class SqueezeExcite(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x * s; with `residual`, residual + x * s in one pass (the SE-ResNet unit's scale and sum)."""
         if self.squeeze == "avg":
-            s = x.mean((2, 3), keepdim=True)
+            # The mean as sum / (H * W), its own arithmetic (bit-identical in float32), but the backward of a sum is a
+            # broadcast view, where the mean's backward writes a gradient as large as x.
+            s = x.sum((2, 3), keepdim=True) / (x.shape[2] * x.shape[3])
         elif self.squeeze == "max":
             s = x.amax((2, 3), keepdim=True)
         else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import time
@@ -17,6 +18,8 @@ from .report import Figure, Section, model_figures, print_report, to_json, write
 from .timing import CLOCKS, matmul_peak
 
 SECTIONS = ("models", "detection", "data")
+# Threading settings that change the figures (OMP_WAIT_POLICY=PASSIVE matters on a shared machine: README)
+THREAD_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "MKL_NUM_THREADS")
 
 # Preset sizes; any option given on the command line overrides its preset value.
 PRESETS = {
@@ -104,11 +107,13 @@ def main(argv: list[str] | None = None) -> dict:
     console = Console(width=None if sys.stdout.isatty() else 150)  # logs keep the table on one line
     log = console.print
     started = time.perf_counter()
+    wait = os.environ.get("OMP_WAIT_POLICY")
     header = (
         f"{preset_name} set on {_device_name(device)} ({device}), torch {torch.__version__}, "
         f"{threads} threads, batch {settings.batch_size}, {settings.resolution}x{settings.resolution}, "
         f"{settings.dtype}{', channels_last' if settings.channels_last else ''}"
         f"{', compiled' if settings.compile else ''}{', CPU-time clock' if settings.clock == 'cpu' else ''}"
+        f"{f', OMP_WAIT_POLICY={wait}' if wait else ''}"
     )
     log(header)
 
@@ -136,8 +141,10 @@ def main(argv: list[str] | None = None) -> dict:
     print_report(console, results, extra, figures, batch_size=settings.batch_size, peak_gflops=peak_gflops, title=title)
     elapsed = time.perf_counter() - started
     log(f"total {elapsed:.0f} s")
+    env = {k: os.environ[k] for k in THREAD_ENV if k in os.environ}
     record = to_json(
         {
+            "env": env,
             **asdict(settings),
             "preset": preset_name,
             "torch": torch.__version__,

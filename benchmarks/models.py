@@ -124,6 +124,20 @@ class ModelResult:
     params: int
     flops: dict[str, int]  # mode -> FLOPs of one batch (forward, or forward + backward)
     times: dict[str, list[float]] = field(default_factory=dict)  # mode -> seconds per batch, one per round
+    same_weights_as: str | None = None  # the candidate whose weights this one runs with, if any
+
+
+def share_weights(source: nn.Module, target: nn.Module) -> bool:
+    """Load `source`'s weights into `target` when their state dicts match by name and shape; -> whether done.
+
+    Peers then compute on the very same numbers: the comparison depends on the code, not on initialisations
+    (timm, for one, zero-initialises the last BN of every block, which zeroes the residual branches).
+    """
+    src, dst = source.state_dict(), target.state_dict()
+    if src.keys() != dst.keys() or any(src[k].shape != dst[k].shape for k in src):
+        return False
+    target.load_state_dict(src)
+    return True
 
 
 def autocast(settings: Settings) -> Callable[[], contextlib.AbstractContextManager]:
@@ -207,8 +221,12 @@ def run_models(settings: Settings, log: Callable[[str], None] = print) -> dict[s
         modules[c.key] = model
     for comp in COMPARISONS:
         a, b = results.get(comp.numerator), results.get(comp.denominator)
-        if comp.same_architecture and a and b and a.params != b.params:
+        if not (comp.same_architecture and a and b):
+            continue
+        if a.params != b.params:
             log(f"warning: {comp.what} compares unequal models ({a.params:,} vs {b.params:,} parameters)")
+        elif share_weights(modules[comp.numerator], modules[comp.denominator]):
+            results[comp.denominator].same_weights_as = comp.numerator
 
     for mode in settings.modes:
         steps = {}

@@ -120,7 +120,8 @@ def model_table(results: dict[str, ModelResult], batch_size: int, peak_gflops: f
         table.add_column("img/s", justify="right")
         table.add_column("GFLOP/s (%peak)", justify="right")
     for r in results.values():
-        cells = [r.label, f"{r.params / 1e6:.2f}M"]
+        label = r.label if r.same_weights_as is None else f"{r.label} (= weights of {r.same_weights_as})"
+        cells = [label, f"{r.params / 1e6:.2f}M"]
         for mode in MODES:
             if mode not in r.times:
                 cells += ["-"] * 4
@@ -205,7 +206,7 @@ def to_json(
     """The JSON record: every figure's median at the top level (e.g. `se_overhead_infer`), then the details."""
     models = {}
     for r in results.values():
-        entry = {"label": r.label, "params": r.params, "flops_per_batch": r.flops}
+        entry = {"label": r.label, "params": r.params, "flops_per_batch": r.flops, "same_weights_as": r.same_weights_as}
         for mode, times in r.times.items():
             s = Spread.of(times)
             entry[mode] = {

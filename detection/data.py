@@ -14,10 +14,9 @@ from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
-from .synthetic import SYNTHETIC_CLASSES, make_synthetic_coco
+from .synthetic import SMOKE_OPTIONS, SYNTHETIC_CLASSES, make_synthetic_coco
 
 SYNTHETIC_SPLITS = {"senet_synthetic_train": "train", "senet_synthetic_val": "val"}
-SYNTHETIC_OPTIONS = {"num_train": 400, "num_val": 60, "image_size": 128, "seed": 0}
 COCO_LAYOUT = "coco/train2017/, coco/val2017/ and coco/annotations/instances_train2017.json, instances_val2017.json"
 
 
@@ -32,7 +31,7 @@ def datasets_root() -> Path:
 
 def synthetic_paths() -> dict[str, Path]:
     """Generate the synthetic dataset if needed (idempotent) and point the registered names' metadata at it."""
-    paths = make_synthetic_coco(datasets_root() / "synthetic_coco", **SYNTHETIC_OPTIONS)
+    paths = make_synthetic_coco(datasets_root() / "synthetic_coco", **SMOKE_OPTIONS)
     for name, split in SYNTHETIC_SPLITS.items():
         files = {"json_file": str(paths[f"{split}_json"]), "image_root": str(paths[f"{split}_images"])}
         meta = MetadataCatalog.get(name)

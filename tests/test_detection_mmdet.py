@@ -25,7 +25,7 @@ from mmengine.optim import OptimWrapper  # noqa: E402
 from backbones import create_model  # noqa: E402
 from backbones.loader import CheckpointError, load_pretrained  # noqa: E402
 from detection.mmdet_backbone import SEResNet  # noqa: E402
-from detection.synthetic import SYNTHETIC_CLASSES  # noqa: E402
+from detection.synthetic import SMOKE_OPTIONS, SYNTHETIC_CLASSES  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "mmdet"
@@ -417,11 +417,8 @@ def test_smoke_config_uses_the_shared_synthetic_dataset(monkeypatch):
 
 
 def test_both_engines_smoke_on_the_same_files():
-    pytest.importorskip("detectron2", reason="detectron2 is not installed: its smoke dataset options are unknown")
-    from detection.data import SYNTHETIC_OPTIONS
-
     cfg = mmdet_runner.load_config(SMOKE)
-    assert {k: v for k, v in cfg.synthetic_data.items() if k != "root"} == SYNTHETIC_OPTIONS
+    assert {k: v for k, v in cfg.synthetic_data.items() if k != "root"} == SMOKE_OPTIONS
 
 
 class _Crash(RuntimeError):

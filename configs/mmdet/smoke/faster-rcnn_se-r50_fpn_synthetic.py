@@ -9,7 +9,7 @@ _base_ = "../faster-rcnn_se-r50_fpn_2x_coco.py"
 
 # tools/train_mmdet.py calls detection.synthetic.make_synthetic_coco(**synthetic_data) before building the run
 # (a no-op when the files are complete). Root and options equal the Detectron2 smoke run's
-# (detection/data.py: $DETECTRON2_DATASETS/synthetic_coco, 400 train / 60 val images of 128 x 128), so both
+# ($DETECTRON2_DATASETS/synthetic_coco, detection.synthetic.SMOKE_OPTIONS: 400 train / 60 val of 128 x 128), so both
 # engines train on the very same files. Class names must equal detection.synthetic.SYNTHETIC_CLASSES.
 data_root = "{{$DETECTRON2_DATASETS:datasets}}/synthetic_coco/"
 synthetic_data = dict(root=data_root, num_train=400, num_val=60, image_size=128, seed=0)
