@@ -17,6 +17,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny convs gain nothing from a second thread, and on a busy machine OpenMP's spinning costs 10-30x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     """The project's shared/ folder (beside the checkout, or inside it on the device machine)."""

@@ -20,13 +20,7 @@ from classification.module import ClassificationModule, LrSchedule, NonFiniteLos
 TINY = {"depth_per_stage": 1, "widths": (8, 16, 32), "stem_width": 8}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convs gain nothing from a second thread, and on a busy machine OpenMP's spinning costs 10-30x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Identity(nn.Module):

@@ -172,7 +172,6 @@ def test_training_steps_lower_the_losses_and_reach_the_se_blocks():
 
     (Not the total: the box-regression loss grows while the RPN learns, as more foreground proposals get sampled.)
     """
-    torch.manual_seed(0)  # initial weights and the RPN / ROI samplers' draws
     model = build(SMOKE, *R18, "MODEL.RPN.POST_NMS_TOPK_TRAIN", 64, "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 32)
     model.train()
     batch = images()
