@@ -28,8 +28,9 @@ log = logging.getLogger(__name__)
 
 RECORD_FORMAT = "senet-suite/1"  # the "format" field of our JSON sidecar and of the detectron2 "__senet__" entry
 URL_SCHEMES = ("http", "https", "file")
-# torch's pickled magic number opens a legacy (pre-zip) torch.save file; any other pickle is a plain pickle
-_TORCH_LEGACY_MAGIC = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)[:-1]
+# torch's pickled magic number (LONG1 opcode, 10 bytes) opens a legacy (pre-zip) torch.save file, after the
+# protocol header and, from pickle_protocol=4 on, a frame header; any other pickle is a plain pickle
+_TORCH_LEGACY_MAGIC = b"\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
 # timm training checkpoints keep their argparse options in `args`: harmless to rebuild, so allowed
 _SAFE_GLOBALS = [argparse.Namespace]
 
@@ -69,10 +70,10 @@ def read_checkpoint(source: Any, *, map_location: Any = "cpu", trusted: bool = F
         raise CheckpointError(f"{path}: no such checkpoint file")
     size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(16)
+        head = f.read(32)
     if size == 0:
         raise CheckpointError(f"{path}: the file is empty, not a checkpoint")
-    if head.startswith(b"PK\x03\x04") or head.startswith(_TORCH_LEGACY_MAGIC):
+    if head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and _TORCH_LEGACY_MAGIC in head):
         obj = _torch_load(path, map_location, trusted)
         return Checkpoint(str(path), "torch", _flatten(_expect_mapping(obj, path)))
     if head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 1 << 27:  # header length, then JSON header
@@ -159,15 +160,17 @@ def _read_sidecar(path: Path, metadata: Mapping[str, str]) -> dict | None:
     return record
 
 
-class _ForbiddenGlobal(pickle.UnpicklingError):
+class ForbiddenGlobal(pickle.UnpicklingError):
     """A global outside the numpy-only allow-list: unpickling it could run code."""
 
 
-class _NumpyUnpickler(pickle.Unpickler):
-    """Unpickles containers, numbers, strings and numpy arrays (detectron2 .pkl files) and nothing else."""
+class NumpyUnpickler(pickle.Unpickler):
+    """Unpickles containers, numbers, strings and numpy arrays (detectron2 .pkl files, the CIFAR batches) and
+    nothing else: any other global raises `ForbiddenGlobal` before it can run."""
 
     _ndarray_rebuild = np.ndarray.__reduce__(np.zeros(1))[0]
     _scalar_rebuild = np.float32(0).__reduce__()[0]
+    _frombuffer = np.zeros(1).__reduce_ex__(5)[0]  # how pickle protocol 5 stores an array
     ALLOWED = {
         ("collections", "OrderedDict"): collections.OrderedDict,
         ("numpy", "ndarray"): np.ndarray,
@@ -176,20 +179,22 @@ class _NumpyUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "_reconstruct"): _ndarray_rebuild,
         ("numpy.core.multiarray", "scalar"): _scalar_rebuild,
         ("numpy._core.multiarray", "scalar"): _scalar_rebuild,
+        ("numpy.core.numeric", "_frombuffer"): _frombuffer,
+        ("numpy._core.numeric", "_frombuffer"): _frombuffer,
         ("_codecs", "encode"): codecs.encode,
     }
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in self.ALLOWED:
-            raise _ForbiddenGlobal(f"{module}.{name}")
+            raise ForbiddenGlobal(f"{module}.{name}")
         return self.ALLOWED[module, name]
 
 
 def _read_pickle(path: Path, trusted: bool) -> Checkpoint:
     try:
         with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="latin1") if trusted else _NumpyUnpickler(f, encoding="latin1").load()
-    except _ForbiddenGlobal as e:
+            obj = pickle.load(f, encoding="latin1") if trusted else NumpyUnpickler(f, encoding="latin1").load()
+    except ForbiddenGlobal as e:
         raise _untrusted(path, [str(e)]) from e
     except Exception as e:
         raise CheckpointError(f"{path}: cannot read it as a pickle (truncated or corrupt?): {_why(e)}") from e

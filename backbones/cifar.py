@@ -9,33 +9,24 @@ from functools import partial
 import torch
 from torch import nn
 
-from .resnet import conv1x1, conv3x3
-from .se import SqueezeExcite
+from .resnet import conv1x1, conv3x3, he_init
+from .se import SqueezeExcite, check_choice
 
 
-class PreActBlock(nn.Module):
-    """Pre-activation basic block: BN-ReLU-3x3, BN-ReLU-3x3 [+SE], plus shortcut. Also the WRN block."""
+class _PreActUnit(nn.Module):
+    """Shared wiring of a pre-activation unit: branch(relu(bn1(x))) [+SE] + shortcut.
 
-    def __init__(self, in_ch: int, out_ch: int, *, stride: int = 1, se_layer=None, drop_rate: float = 0.0):
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_ch)
-        self.conv1 = conv3x3(in_ch, out_ch, stride)
-        self.bn2 = nn.BatchNorm2d(out_ch)
-        self.conv2 = conv3x3(out_ch, out_ch)
+    Subclasses define `branch(pre)`, which calls `self.drop` before its last conv (WRN's dropout).
+    """
+
+    def _init_unit(self, in_ch: int, out_ch: int, stride: int, se_layer, drop_rate: float) -> None:
         self.drop_rate = drop_rate
-        self._init_shortcut(in_ch, out_ch, stride, se_layer)
-
-    def _init_shortcut(self, in_ch: int, out_ch: int, stride: int, se_layer) -> None:
         self.relu = nn.ReLU(inplace=True)
         self.shortcut = conv1x1(in_ch, out_ch, stride) if stride != 1 or in_ch != out_ch else None
         self.se = se_layer(out_ch) if se_layer is not None else None
 
-    def branch(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.conv1(x)
-        out = self.relu(self.bn2(out))
-        if self.drop_rate > 0:
-            out = nn.functional.dropout(out, p=self.drop_rate, training=self.training)
-        return self.conv2(out)
+    def drop(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.dropout(x, p=self.drop_rate, training=self.training) if self.drop_rate > 0 else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pre = self.relu(self.bn1(x))
@@ -47,11 +38,27 @@ class PreActBlock(nn.Module):
         return out + shortcut
 
 
-class PreActBottleneck(PreActBlock):
+class PreActBlock(_PreActUnit):
+    """Pre-activation basic block: BN-ReLU-3x3, BN-ReLU-3x3 [+SE], plus shortcut. Also the WRN block."""
+
+    def __init__(self, in_ch: int, out_ch: int, *, stride: int = 1, se_layer=None, drop_rate: float = 0.0):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_ch)
+        self.conv1 = conv3x3(in_ch, out_ch, stride)
+        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.conv2 = conv3x3(out_ch, out_ch)
+        self._init_unit(in_ch, out_ch, stride, se_layer, drop_rate)
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn2(self.conv1(x)))
+        return self.conv2(self.drop(out))
+
+
+class PreActBottleneck(_PreActUnit):
     """Pre-activation bottleneck: BN-ReLU-1x1, BN-ReLU-3x3, BN-ReLU-1x1 [+SE], plus shortcut (ResNet-164)."""
 
     def __init__(self, in_ch: int, out_ch: int, *, stride: int = 1, se_layer=None, drop_rate: float = 0.0):
-        nn.Module.__init__(self)
+        super().__init__()
         width = out_ch // 4
         self.bn1 = nn.BatchNorm2d(in_ch)
         self.conv1 = conv1x1(in_ch, width)
@@ -59,13 +66,15 @@ class PreActBottleneck(PreActBlock):
         self.conv2 = conv3x3(width, width, stride)
         self.bn3 = nn.BatchNorm2d(width)
         self.conv3 = conv1x1(width, out_ch)
-        self.drop_rate = drop_rate
-        self._init_shortcut(in_ch, out_ch, stride, se_layer)
+        self._init_unit(in_ch, out_ch, stride, se_layer, drop_rate)
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn2(self.conv1(x)))
         out = self.relu(self.bn3(self.conv2(out)))
-        return self.conv3(out)
+        return self.conv3(self.drop(out))
+
+
+BLOCKS = {"basic": PreActBlock, "bottleneck": PreActBottleneck}
 
 
 class CifarResNet(nn.Module):
@@ -73,6 +82,7 @@ class CifarResNet(nn.Module):
 
     Three stages of `depth_per_stage` blocks with `widths` output channels at strides 1, 2, 4;
     `forward_features(x)` returns {"res2", "res3", "res4"} (the last one after the final BN-ReLU).
+    `drop_rate`: dropout before the last conv of every block's branch (WRN's dropout between the convs).
     """
 
     def __init__(
@@ -92,9 +102,7 @@ class CifarResNet(nn.Module):
         in_chans: int = 3,
     ):
         super().__init__()
-        block_cls = {"basic": PreActBlock, "bottleneck": PreActBottleneck}.get(block)
-        if block_cls is None:
-            raise ValueError(f"block={block!r} is not one of 'basic', 'bottleneck'")
+        block_cls = BLOCKS[check_choice("block", block, BLOCKS)]
         se_layer = (
             partial(SqueezeExcite, reduction=se_reduction, squeeze=se_squeeze, gate=se_gate, bias=se_bias)
             if se
@@ -116,19 +124,11 @@ class CifarResNet(nn.Module):
         self.bn = nn.BatchNorm2d(in_ch)
         self.relu = nn.ReLU(inplace=True)
         self.num_features = in_ch
-        self.num_classes = num_classes
-        self.fc = nn.Linear(in_ch, num_classes) if num_classes > 0 else nn.Identity()
+        self.reset_classifier(num_classes)
         self.init_weights()
 
     def init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        he_init(self)
 
     def reset_classifier(self, num_classes: int) -> None:
         self.num_classes = num_classes
@@ -138,12 +138,10 @@ class CifarResNet(nn.Module):
         """(N, 3, 32, 32) -> {"res2": (N, C, 32, 32), "res3": (N, 2C, 16, 16), "res4": (N, 4C, 8, 8)}."""
         x = self.conv1(x)
         features = {}
-        layers = (self.layer1, self.layer2, self.layer3)
-        for idx, (info, layer) in enumerate(zip(self.feature_info, layers, strict=True)):
+        for info, layer in zip(self.feature_info, (self.layer1, self.layer2, self.layer3), strict=True):
             x = layer(x)
-            if idx == len(layers) - 1:
-                x = self.relu(self.bn(x))
             features[info["name"]] = x
+        features["res4"] = self.relu(self.bn(x))  # pre-activation nets end with the BN-ReLU of the last stage
         return features
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:

@@ -16,9 +16,8 @@ import inspect
 import json
 import os
 import pickle
-import tempfile
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .atomic import staged
 from .checkpoint_files import RECORD_FORMAT, read_checkpoint
 from .loader import CLASSIFIER, LoadReport, build_pretrained, model_geometry
 from .registry import model_config
@@ -63,14 +63,16 @@ def save_checkpoint(
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     metadata = {"format": "pt", "checkpoint_id": record["checkpoint_id"]}
     sidecar = path.with_suffix(".json")
-    # both files go to temporary names first; an interrupted pair is caught by the id check on load
+    # Both files go to temporary names first. The record is renamed in first: cut between the two renames, the
+    # new record sits beside the old weights (the id check on load catches it) or beside none, never new weights
+    # beside no record, which would read as a foreign safetensors file that lost its geometry and preprocessing.
     text = json.dumps(record, indent=2) + "\n"
     with (
-        _staged(path, lambda tmp: save_file(tensors, tmp, metadata=metadata)) as commit_weights,
-        _staged(sidecar, lambda tmp: Path(tmp).write_text(text)) as commit_json,
+        staged(path, lambda tmp: save_file(tensors, tmp, metadata=metadata)) as commit_weights,
+        staged(sidecar, lambda tmp: Path(tmp).write_text(text)) as commit_json,
     ):
-        commit_weights()
         commit_json()
+        commit_weights()
     return sidecar
 
 
@@ -141,7 +143,7 @@ def save_detectron2(
         "matching_heuristics": False,
         "__senet__": record,
     }
-    with _staged(path, lambda tmp: Path(tmp).write_bytes(pickle.dumps(payload, protocol=4))) as commit:
+    with staged(path, lambda tmp: Path(tmp).write_bytes(pickle.dumps(payload, protocol=4))) as commit:
         commit()
     return path
 
@@ -189,31 +191,6 @@ def convert_checkpoint(
     else:
         save_detectron2(model, dst, prefix=detectron2_prefix, **kwargs)
     return report
-
-
-class _staged:
-    """Write a file under a temporary name beside `path`; `commit()` renames it into place atomically.
-
-    Leaving the block without committing (an exception) deletes the temporary file and keeps `path` as it was.
-    """
-
-    def __init__(self, path: Path, write: Callable[[str], Any]):
-        self.path, self.write = path, write
-
-    def __enter__(self) -> Callable[[], None]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            self.write(self.tmp)
-        except BaseException:
-            os.unlink(self.tmp)
-            raise
-        return lambda: os.replace(self.tmp, self.path)
-
-    def __exit__(self, *exc) -> None:
-        if os.path.exists(self.tmp):
-            os.unlink(self.tmp)
 
 
 def _check_describes(model: nn.Module, cls: type, kwargs: dict, name: str) -> None:

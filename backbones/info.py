@@ -16,18 +16,21 @@ def _elementwise(*arg_shapes, out_shape=None, **kwargs) -> int:
     return 2 * math.prod(arg_shapes[0])
 
 
-# The SE block's squeeze (sum or amax over H, W) and scale (x * s, or residual + x * s fused as addcmul) are
-# elementwise work that the paper's 3.86 -> 3.87 GFLOPs includes; FlopCounterMode counts only convolutions and
-# matmuls unless told. In these models nothing else lowers to these ops in eval mode (global pooling is
-# adaptive_avg_pool2d, the plain residual sum is add).
-SE_OPS = {aten.sum: _elementwise, aten.mean: _elementwise, aten.amax: _elementwise, aten.mul: _elementwise}
-
-
 def _scale_add(residual_shape, x_shape, *args, out_shape=None, **kwargs) -> int:
     return _elementwise(x_shape)
 
 
-SE_OPS[aten.addcmul] = _scale_add
+# The SE block's squeeze (sum or amax over H, W) and scale (x * s, or residual + x * s fused as addcmul) are
+# elementwise work that the paper's 3.86 -> 3.87 GFLOPs includes; FlopCounterMode counts only convolutions and
+# matmuls unless told. Besides the SE block only the global average pool lowers to one of these ops (mean; about
+# 1e-4 GMACs, counted as well); the plain residual sum is add, which stays uncounted.
+SE_OPS = {
+    aten.sum: _elementwise,
+    aten.mean: _elementwise,
+    aten.amax: _elementwise,
+    aten.mul: _elementwise,
+    aten.addcmul: _scale_add,
+}
 
 
 def count_params(model: nn.Module) -> int:

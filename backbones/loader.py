@@ -219,7 +219,12 @@ def load_pretrained(
             + "\n".join(lines[:10] + (["  ..."] if len(lines) > 10 else []) + hints)
         )
     benign = ("num_batches_tracked",)  # absent from old checkpoints; the model keeps its counter
-    report.missing = [k for k in current if k not in weights and not k.endswith(benign) and not _is_head(k)]
+    file_head = any(_is_head(k) for k in sel.state_dict)
+    # a dropped or absent head is reported on its own; a kept one must be whole (fc.weight without fc.bias is not)
+    head_kept = file_head and report.classifier_dropped is None
+    report.missing = [
+        k for k in current if k not in weights and not k.endswith(benign) and (head_kept or not _is_head(k))
+    ]
     report.unexpected = [k for k in weights if k not in current]
     if strict and (report.missing or report.unexpected):
         raise CheckpointError(
@@ -229,11 +234,12 @@ def load_pretrained(
             + _key_hint(report.missing, report.unexpected, weights, current)
             + "\n(strict=False loads the keys that match and reports the rest)"
         )
-    if not any(_is_head(k) for k in sel.state_dict):  # no head in the file: the model's keeps its init
+    if not file_head:  # no head in the file: the model's keeps its init
         report.missing += [k for k in current if _is_head(k)]
     report.loaded = [k for k in weights if k in current]
-    # every shape and key is checked: this copy cannot stop half-way
-    model.load_state_dict({**current, **{k: weights[k] for k in report.loaded}})
+    # keys and shapes are checked and dtype / device conversions done up front: this copy cannot stop half-way
+    staged = _as_model_tensors(where, {k: weights[k] for k in report.loaded}, current)
+    model.load_state_dict({**current, **staged})
     problems = report.missing or report.unexpected or report.classifier_dropped
     log.log(logging.WARNING if problems else logging.INFO, report.summary())
     return report
@@ -241,6 +247,22 @@ def load_pretrained(
 
 def _is_head(key: str) -> bool:
     return key.startswith(CLASSIFIER)
+
+
+def _as_model_tensors(
+    where: str, weights: dict[str, torch.Tensor], current: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """`weights` in the model's dtype and on its device, or a `CheckpointError` before any tensor is copied."""
+    out = {}
+    for k, v in weights.items():
+        try:
+            out[k] = v.to(device=current[k].device, dtype=current[k].dtype)
+        except (RuntimeError, NotImplementedError) as e:  # e.g. a meta tensor, an out-of-memory device
+            raise CheckpointError(
+                f"{where}: {k} ({v.dtype} on {v.device}) cannot become the model's {current[k].dtype} on "
+                f"{current[k].device}; nothing was loaded: {e}"
+            ) from e
+    return out
 
 
 def _classifier_policy(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
 from typing import Any
 
 from torch import nn
@@ -45,7 +44,6 @@ def create_model(name: str, *, pretrained: Any = None, **overrides: Any) -> nn.M
     """Build a registered model; `pretrained` (a path or state dict) is loaded through `load_pretrained`."""
     cls, kwargs = model_config(name, **overrides)
     model = cls(**kwargs)
-    model.model_name = name
     if pretrained is not None:
         from .loader import load_pretrained
 
@@ -59,20 +57,20 @@ def _lookup(name: str) -> tuple[type[nn.Module], dict[str, Any]]:
     return _MODELS[name]
 
 
-def _register_all(add: Callable[..., None] = register) -> None:
+def _register_all() -> None:
     basic = {"block": "basic"}
     depths = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
     for depth, layers in depths.items():
         kind = basic if depth < 50 else {}
-        add(f"resnet{depth}", ResNet, layers=layers, **kind)
-        add(f"se_resnet{depth}", ResNet, layers=layers, se=True, **kind)
+        register(f"resnet{depth}", ResNet, layers=layers, **kind)
+        register(f"se_resnet{depth}", ResNet, layers=layers, se=True, **kind)
     for depth in (50, 101):
         x32 = {"layers": depths[depth], "groups": 32, "width_per_group": 4}
-        add(f"resnext{depth}_32x4d", ResNet, **x32)
-        add(f"se_resnext{depth}_32x4d", ResNet, se=True, **x32)
+        register(f"resnext{depth}_32x4d", ResNet, **x32)
+        register(f"se_resnext{depth}_32x4d", ResNet, se=True, **x32)
     # SENet-154 (appendix): SE + 64x4d ResNeXt-152, three 3x3 stem convs, 3x3 stride-2 projections,
     # halved first 1x1, dropout 0.2 before the classifier; the official model pools in ceil mode.
-    add(
+    register(
         "senet154",
         ResNet,
         layers=depths[152],
@@ -92,8 +90,8 @@ def _register_all(add: Callable[..., None] = register) -> None:
         "cifar_wrn16_8": {"block": "basic", "depth_per_stage": 2, "widths": (128, 256, 512)},
     }
     for name, kw in cifar.items():
-        add(name, CifarResNet, **kw)
-        add(name.replace("cifar_", "cifar_se_"), CifarResNet, se=True, **kw)
+        register(name, CifarResNet, **kw)
+        register(name.replace("cifar_", "cifar_se_"), CifarResNet, se=True, **kw)
 
 
 _register_all()

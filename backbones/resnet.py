@@ -17,7 +17,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from .se import SqueezeExcite
+from .se import SqueezeExcite, check_choice
 
 STYLES = ("pytorch", "caffe")
 PLACEMENTS = ("standard", "pre", "post", "identity", "3x3")
@@ -35,6 +35,18 @@ def conv3x3(in_ch: int, out_ch: int, stride: int = 1, groups: int = 1) -> nn.Con
 
 def conv1x1(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False)
+
+
+def he_init(model: nn.Module) -> None:
+    """He (Kaiming, fan-out) init for every conv, zero conv biases, norms to identity (paper, Section 5.1)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d | nn.GroupNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
 
 
 class _ResidualUnit(nn.Module):
@@ -168,11 +180,6 @@ class Bottleneck(_ResidualUnit):
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
 
 
-def _choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
-
-
 class ResNet(nn.Module):
     """ImageNet-geometry ResNet / ResNeXt / SENet. (N, 3, H, W) -> logits (N, num_classes).
 
@@ -211,10 +218,10 @@ class ResNet(nn.Module):
     ):
         super().__init__()
         if isinstance(block, str):
-            _choice("block", block, BLOCKS)
-        _choice("style", style, STYLES)
-        _choice("se_placement", se_placement, PLACEMENTS)
-        _choice("downsample_kernel", downsample_kernel, (1, 3))
+            check_choice("block", block, BLOCKS)
+        check_choice("style", style, STYLES)
+        check_choice("se_placement", se_placement, PLACEMENTS)
+        check_choice("downsample_kernel", downsample_kernel, (1, 3))
         if len(layers) != 4:
             raise ValueError(f"layers must give 4 stage depths, got {tuple(layers)}")
         bad_stages = set(se_stages) - set(STAGES)
@@ -301,14 +308,7 @@ class ResNet(nn.Module):
 
     def init_weights(self, zero_init_last: bool = False) -> None:
         """He (Kaiming) init for convs, BN to identity; optionally zero the last BN of every block."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d | nn.GroupNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        he_init(self)
         if zero_init_last:
             for m in self.modules():
                 if isinstance(m, _ResidualUnit):

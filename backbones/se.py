@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+from typing import TypeVar
+
 import torch
 from torch import nn
 
 SQUEEZES = ("avg", "max", "none")
 GATES = ("sigmoid", "tanh", "relu")
 
+T = TypeVar("T")
 
-def _choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+
+def check_choice(name: str, value: T, choices: Collection) -> T:
+    """`value` if it is one of `choices`, else a ValueError that lists them (the models' option checks)."""
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
     return value
@@ -19,7 +25,9 @@ def se_hidden_channels(channels: int, reduction: float, divisor: int = 1) -> int
     """Width of the excitation bottleneck: C / r, rounded to a multiple of `divisor` (timm uses 8)."""
     hidden = channels / reduction
     rounded = max(divisor, int(hidden + divisor / 2) // divisor * divisor)
-    if rounded < 0.9 * hidden:  # never round down by more than 10%, as timm's make_divisible
+    # never round down by more than 10%, as make_divisible of timm and mmpretrain (timm's own SE modules pass
+    # round_limit=0 and skip this step; the two differ only for widths no released model has)
+    if rounded < 0.9 * hidden:
         rounded += divisor
     return rounded
 
@@ -43,8 +51,8 @@ class SqueezeExcite(nn.Module):
         divisor: int = 1,
     ):
         super().__init__()
-        self.squeeze = _choice("squeeze", squeeze, SQUEEZES)
-        self.gate_name = _choice("gate", gate, GATES)
+        self.squeeze = check_choice("squeeze", squeeze, SQUEEZES)
+        self.gate_name = check_choice("gate", gate, GATES)
         hidden = se_hidden_channels(channels, reduction, divisor)
         self.fc1 = nn.Conv2d(channels, hidden, 1, bias=bias)
         self.relu = nn.ReLU(inplace=True)

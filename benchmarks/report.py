@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+
+from backbones.atomic import atomic_write
 
 from .models import COMPARISONS, MODES, ModelResult
 from .timing import Spread, paired_ratio
@@ -183,19 +183,6 @@ def print_report(
     console.print(figure_table(figures))
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def to_json(
     settings: dict,
     results: dict[str, ModelResult],
@@ -233,7 +220,7 @@ def write_json(path: Path, record: dict) -> None:
             json.dump(record, f, indent=2, allow_nan=False)
             f.write("\n")
 
-    _atomic_write(Path(path), write)
+    atomic_write(path, write)
 
 
 def write_png(
@@ -282,6 +269,6 @@ def write_png(
         fig.savefig(tmp, format="png", dpi=100)
 
     try:
-        _atomic_write(Path(path), write)
+        atomic_write(path, write)
     finally:
         plt.close(fig)

@@ -19,7 +19,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, RandomSampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+
+from classification.workers import seed_worker
 
 from .files import SPECS, load_class_names, load_split
 from .synthetic import make_synthetic
@@ -75,14 +77,6 @@ class EpochRandomSampler(RandomSampler):
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         yield from torch.randperm(len(self.data_source), generator=generator).tolist()
-
-
-def _seed_worker(worker_id: int) -> None:
-    """Give each worker's albumentations pipeline its own stream (forked copies would otherwise repeat one)."""
-    info = get_worker_info()
-    transform = getattr(info.dataset, "transform", None)
-    if transform is not None:
-        transform.set_random_seed(info.seed % 2**32)
 
 
 class CIFARDataModule(LightningDataModule):
@@ -144,8 +138,11 @@ class CIFARDataModule(LightningDataModule):
         mean, std = STATS[hp.dataset]
         per_image = hp.augment == "albumentations"
         if self.test_set is None:
-            if not hp.synthetic:
-                self.class_names = load_class_names(hp.root, self.spec, hp.verify_md5)
+            self.class_names = (
+                [f"synthetic_{i}" for i in range(self.num_classes)]
+                if hp.synthetic
+                else load_class_names(hp.root, self.spec, hp.verify_md5)
+            )
             self.test_set = CIFARImages(*self._split(train=False), eval_transform(mean, std) if per_image else None)
         if stage in (None, "fit") and self.train_set is None:
             self.train_set = CIFARImages(*self._split(train=True), train_transform(mean, std) if per_image else None)
@@ -155,7 +152,6 @@ class CIFARDataModule(LightningDataModule):
     def _split(self, train: bool) -> tuple[np.ndarray, np.ndarray]:
         hp = self.hparams
         if hp.synthetic:
-            self.class_names = [f"synthetic_{i}" for i in range(self.num_classes)]
             n = hp.synthetic_train if train else hp.synthetic_val
             return make_synthetic(self.num_classes, n, seed=hp.seed if train else hp.seed + 1)
         return load_split(hp.root, self.spec, train=train, verify_md5=hp.verify_md5)
@@ -171,7 +167,7 @@ class CIFARDataModule(LightningDataModule):
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
-            worker_init_fn=_seed_worker if workers > 0 else None,
+            worker_init_fn=seed_worker if workers > 0 else None,
         )
 
     def train_dataloader(self) -> DataLoader:

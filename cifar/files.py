@@ -4,7 +4,8 @@ Layout (formats.md): `<root>/cifar-10-batches-py/{data_batch_1..5, test_batch, b
 `<root>/cifar-100-python/{train, test, meta}`. Each file is a Python-2 cPickle of a dict whose keys and strings
 are Python-2 `str`: unpickled with encoding="latin1" they are `str`, with encoding="bytes" they are `bytes`.
 `normalize_keys` accepts either (and a re-pickled Python-3 dict with str keys). `data` is uint8 (N, 3072):
-the red, green and blue 32x32 planes, each row-major.
+the red, green and blue 32x32 planes, each row-major. The files are unpickled with a numpy-only allow-list:
+a pickle can run any code it names, and these files need nothing but containers, strings and arrays.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from backbones.checkpoint_files import ForbiddenGlobal, NumpyUnpickler
 
 
 class CIFARFormatError(ValueError):
@@ -125,7 +128,11 @@ def load_pickle(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
             # latin1 maps every Python-2 byte string 1:1 to str, and is what numpy needs for py2 arrays
-            obj = pickle.load(f, encoding="latin1")
+            obj = NumpyUnpickler(f, encoding="latin1").load()
+    except ForbiddenGlobal as e:
+        raise CIFARFormatError(
+            f"{path}: refused to unpickle it: it names {e}, which no CIFAR file needs, and unpickling would run it"
+        ) from e
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError) as e:
         raise CIFARFormatError(
             f"{path}: not a readable CIFAR python-version pickle (truncated or corrupt?): {type(e).__name__}: {e}"

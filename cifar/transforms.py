@@ -3,7 +3,7 @@
 Two implementations of the same augmentation:
   - `train_transform()`: albumentations, one HWC uint8 image at a time, in the DataLoader workers;
   - `BatchAugment`: the same on a whole (N, 3, 32, 32) uint8 batch on the training device. CIFAR images are
-    so small that per-sample Python overhead dominates (`python -m cifar.benchmark` measures both); the
+    so small that per-sample Python overhead dominates (`tools/benchmark.py --sections data` measures both); the
     batched path keeps a GPU fed from one CPU core.
 In the batched path the crop offsets and the flip of a sample are a hash of (seed, epoch, sample index): the
 augmentation does not depend on batch composition, worker count, number of GPUs or a resume.
@@ -68,8 +68,9 @@ def augment_params(index: torch.Tensor, epoch: int, seed: int) -> tuple[torch.Te
 
     top, left are uniform in 0..8 (the crop window's corner in the 40x40 padded image), flip is a fair coin.
     """
-    key = hash32(torch.tensor(seed, dtype=torch.int64) * 0x10001 + epoch)
-    h = hash32(index.long() ^ key.to(index.device))
+    # a Python int: a tensor key would be copied to the GPU, and the host stalled, for every batch
+    key = int(hash32(torch.tensor(seed, dtype=torch.int64) * 0x10001 + epoch))
+    h = hash32(index.long() ^ key)
     # 2**32 is not a multiple of 162: the bias is below 1e-7, far under what any test or training can see
     top = h % OFFSETS
     left = (h // OFFSETS) % OFFSETS
@@ -103,8 +104,9 @@ class BatchAugment:
         self.seed = seed
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        mean, std = self.mean.to(images.device), self.std.to(images.device)
-        return (images.float() - mean) / std
+        if self.mean.device != images.device:  # once, not a blocking copy per batch
+            self.mean, self.std = self.mean.to(images.device), self.std.to(images.device)
+        return (images.float() - self.mean) / self.std
 
     def __call__(self, images: torch.Tensor, index: torch.Tensor, epoch: int, augment: bool = True) -> torch.Tensor:
         if augment:

@@ -17,10 +17,8 @@ the model section bound to `ClassificationModule` and these defaults on top of L
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,46 +30,22 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from backbones.atomic import atomic_write
+
 from .module import ClassificationModule
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """TorchCheckpointIO whose saves are all-or-nothing: a crash mid-save leaves the previous file intact.
 
-    The checkpoint goes to a hidden temporary file in the destination folder (same file system), is flushed
-    to disk, and then replaces the destination with `os.replace`, which is atomic on POSIX and Windows.
-    Lightning's own save streams into the destination (or through a temp file that may sit on another disk).
+    Through `backbones.atomic` (a flushed temporary file in the destination folder, then a rename). Lightning's
+    own save streams into the destination (or through a temp file that may sit on another disk).
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} does not take storage_options")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # the ".tmp" suffix keeps the partial file out of ModelCheckpoint's "last*.ckpt" search
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Persist the rename itself (POSIX); not possible and not needed on Windows."""
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
 class TrainingCurves(Callback):

@@ -51,7 +51,6 @@ class LrSchedule:
     iterations, then back to 0.1); "linear" ramps from `warmup_factor` to 1 (Goyal et al.). After warm-up:
     "multistep" multiplies by `gamma` at each milestone (absolute counts, warm-up included); "cosine" decays
     from 1 to `min_factor` between the end of warm-up and `total`; "constant" stays at 1.
-    A dataclass, not a closure, so `LambdaLR.state_dict()` stores its fields in the checkpoint.
     """
 
     schedule: str = "multistep"
@@ -228,6 +227,9 @@ class ClassificationModule(LightningModule):
         hp = self.hparams
         total = 1
         if hp.schedule == "cosine":
+            # max_epochs is -1 when only max_steps is set: the cosine would end after the first epoch
+            if hp.interval == "epoch" and (self.trainer.max_epochs or -1) < 1:
+                raise ValueError("schedule=cosine with interval=epoch needs trainer.max_epochs (or interval=step)")
             total = int(self.trainer.estimated_stepping_batches) if hp.interval == "step" else self.trainer.max_epochs
         return LrSchedule(
             schedule=hp.schedule,

@@ -1,6 +1,6 @@
 """MODEL.WEIGHTS for SE-ResNet detectors: our ImageNet checkpoints converted on load, never a partial backbone.
 
-`SENetCheckpointer` is detectron2's `DetectionCheckpointer` plus two rules:
+`SENetCheckpointer` is detectron2's `DetectionCheckpointer` with atomic saves, plus two rules for loading:
 
 - A file without detector weights (our safetensors + JSON, a `tools/convert_checkpoint.py --to detectron2` .pkl,
   timm / torchvision / Cadene / mmpretrain ImageNet weights: anything `backbones.load_pretrained` reads) is an
@@ -26,6 +26,7 @@ from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 from torch import nn
 
 from backbones import CheckpointError, ResNet, load_pretrained, read_checkpoint
+from backbones.atomic import atomic_write
 from backbones.checkpoint_files import Checkpoint
 from backbones.export import IMAGENET_PREPROCESSING
 
@@ -64,6 +65,24 @@ class SENetCheckpointer(DetectionCheckpointer):
                 "train from scratch."
             )
         return super().load(path, *args, **kwargs)
+
+    def save(self, name: str, **kwargs: Any) -> None:
+        """Checkpointer.save, through a temporary file renamed into place: a run killed mid-save (or a full disk)
+        leaves every earlier checkpoint, and the `last_checkpoint` naming one, whole. fvcore writes in place,
+        and a resumed run rewrites model_final.pth, the very file `last_checkpoint` names."""
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        path = os.path.join(self.save_dir, basename)
+        self.logger.info("Saving checkpoint to %s", path)
+        atomic_write(path, lambda tmp: torch.save(data, tmp))
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        atomic_write(os.path.join(self.save_dir, "last_checkpoint"), lambda tmp: tmp.write_text(last_filename_basename))
 
     def _load_file(self, filename: str) -> dict:
         self._filename = filename

@@ -61,9 +61,11 @@ def prepare_datasets(cfg: CfgNode) -> None:
     Raises DatasetLayoutError naming the missing files and the layout detectron2 expects under
     $DETECTRON2_DATASETS, before any model is built or annotation file parsed.
     """
-    for name in (*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST):
+    names = (*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST)
+    if any(name in SYNTHETIC_SPLITS for name in names):
+        synthetic_paths()  # both splits at once
+    for name in names:
         if name in SYNTHETIC_SPLITS:
-            synthetic_paths()
             continue
         if name not in DatasetCatalog.list():
             raise DatasetLayoutError(
@@ -77,7 +79,7 @@ def prepare_datasets(cfg: CfgNode) -> None:
         problems = []
         if not os.path.isfile(json_file):
             problems.append(f"annotation file {json_file} is missing")
-        if not os.path.isdir(image_root) or next(os.scandir(image_root), None) is None:
+        if not os.path.isdir(image_root) or not _has_entries(image_root):
             problems.append(f"image folder {image_root} is missing or empty")
         if problems:
             raise DatasetLayoutError(
@@ -86,3 +88,8 @@ def prepare_datasets(cfg: CfgNode) -> None:
                 "to the folder that holds coco/, or try configs/smoke/faster_rcnn_se_r50_synthetic.yaml, which "
                 "generates its own data."
             )
+
+
+def _has_entries(folder: str) -> bool:
+    with os.scandir(folder) as entries:  # closed at once: a bare scandir() left open warns
+        return next(entries, None) is not None

@@ -15,6 +15,8 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.modeling import build_model
 from torch import nn
 
+from backbones.atomic import atomic_write
+
 from .checkpoint import SENetCheckpointer
 from .config import add_senet_config
 from .data import prepare_datasets
@@ -47,7 +49,7 @@ def build_model_from_config(
 
 
 class Trainer(DefaultTrainer):
-    """DefaultTrainer with COCO evaluation (pycocotools) and MODEL.WEIGHTS read by `SENetCheckpointer`."""
+    """DefaultTrainer with COCO evaluation (pycocotools) and `SENetCheckpointer` for MODEL.WEIGHTS, resume, saves."""
 
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None) -> COCOEvaluator:
@@ -61,25 +63,20 @@ class Trainer(DefaultTrainer):
             write_metrics(cfg, results)
         return results
 
-    def resume_or_load(self, resume: bool = True) -> None:
-        # Saving stays with DefaultTrainer's checkpointer; loading (a resumed run's last checkpoint, else
-        # MODEL.WEIGHTS, which may be an ImageNet checkpoint of ours) goes through SENetCheckpointer.
-        checkpointer = SENetCheckpointer(self.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
-        checkpointer.resume_or_load(self.cfg.MODEL.WEIGHTS, resume=resume)
-        if resume and checkpointer.has_checkpoint():
-            self.start_iter = self.iter + 1  # the checkpoint holds the iteration that had just finished
+    def build_hooks(self) -> list:
+        # DefaultTrainer.__init__ makes its DetectionCheckpointer just before it builds the hooks; ours takes its
+        # place there, so the periodic saves (atomic) and resume_or_load (a resumed run's last checkpoint, else
+        # MODEL.WEIGHTS, which may be an ImageNet checkpoint of ours) go through the one SENetCheckpointer.
+        self.checkpointer = SENetCheckpointer(self.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        return super().build_hooks()
 
 
 def write_metrics(cfg: CfgNode, results: dict) -> Path:
     """COCO metrics {dataset: {"bbox": {"AP", "AP50", "AP75", "APs", "APm", "APl", "AP-<class>"...}}} as JSON."""
     if len(cfg.DATASETS.TEST) == 1 and cfg.DATASETS.TEST[0] not in results:
         results = {cfg.DATASETS.TEST[0]: results}  # DefaultTrainer.test unwraps a single dataset's results
-    path = Path(cfg.OUTPUT_DIR) / METRICS_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, path)  # never a half-written metrics file
-    return path
+    text = json.dumps(results, indent=2) + "\n"
+    return atomic_write(Path(cfg.OUTPUT_DIR) / METRICS_FILE, lambda tmp: tmp.write_text(text))
 
 
 def setup(args) -> CfgNode:

@@ -185,6 +185,8 @@ def _metrics_hook():
     from mmengine.dist import is_main_process
     from mmengine.hooks import Hook
 
+    from backbones.atomic import atomic_write
+
     class MetricsHook(Hook):
         priority = "LOWEST"
 
@@ -196,10 +198,8 @@ def _metrics_hook():
                 return
             self.metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
             if is_main_process():  # every rank gets the metrics; one writes them, whole file or nothing
-                path = Path(runner.work_dir, "metrics.json")
-                tmp = path.with_name(f".{path.name}.tmp")
-                tmp.write_text(json.dumps(self.metrics, indent=2))
-                os.replace(tmp, path)
+                text = json.dumps(self.metrics, indent=2)
+                atomic_write(Path(runner.work_dir, "metrics.json"), lambda tmp: tmp.write_text(text))
 
         after_test_epoch = after_val_epoch
 

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from backbones.atomic import atomic_write
+
 SYNTHETIC_CLASSES = ("red_rectangle", "green_ellipse", "blue_triangle", "yellow_diamond")
 SYNTHETIC_CATEGORY_IDS = (1, 3, 7, 11)
 # The smoke runs' dataset, one for both engines: detectron2's (detection/data.py) and mmdet's smoke config
@@ -99,16 +101,6 @@ def _render(rng: np.random.Generator, size: int) -> tuple[Image.Image, list[dict
     return image, objects
 
 
-def _atomic_write_bytes(path: Path, write) -> None:
-    """Write through a temporary sibling and rename, so a reader never sees a half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _split_params(split: str, num_images: int, image_size: int, seed: int) -> dict:
     return {"split": split, "num_images": num_images, "image_size": image_size, "seed": seed, "version": _VERSION}
 
@@ -134,7 +126,7 @@ def _write_split(json_path: Path, image_dir: Path, params: dict) -> None:
         rng = np.random.default_rng([params["seed"], split_salt, index])
         image, objects = _render(rng, params["image_size"])
         file_name = f"{index:06d}.jpg"
-        _atomic_write_bytes(image_dir / file_name, lambda p, im=image: im.save(p, format="JPEG", quality=92))
+        atomic_write(image_dir / file_name, lambda p, im=image: im.save(p, format="JPEG", quality=92))
         image_id = index + 1
         size = params["image_size"]
         images.append({"id": image_id, "file_name": file_name, "height": size, "width": size})
@@ -161,7 +153,7 @@ def _write_split(json_path: Path, image_dir: Path, params: dict) -> None:
         ],
     }
     # The JSON goes last: its presence (with matching parameters) marks the split complete.
-    _atomic_write_bytes(json_path, lambda p: p.write_text(json.dumps(data)))
+    atomic_write(json_path, lambda p: p.write_text(json.dumps(data)))
 
 
 def synthetic_coco_paths(root: str | os.PathLike) -> dict[str, Path]:

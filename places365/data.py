@@ -15,8 +15,10 @@ from lightning.pytorch import Callback, LightningDataModule, LightningModule, Tr
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
-from .dataset import ImageSampleDataset, seed_worker
-from .lists import DataError, SampleTable, Skipped
+from classification.workers import seed_worker
+
+from .dataset import ImageSampleDataset
+from .lists import SampleTable, Skipped
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, build_train_transform, normalize
 
 log = logging.getLogger(__name__)
@@ -79,11 +81,10 @@ class ImageClassificationDataModule(LightningDataModule):
     def setup(self, stage: str) -> None:
         hp = self.hparams
         log.info("%s: %d classes", type(self).__name__, len(self.class_names))  # reads and checks them first
-        self._check_model_classes()
         if stage == "fit" and self.train_set is None:
             transform = build_train_transform(hp.crop_size, scale=tuple(hp.scale))
             # the main process (num_workers=0) follows seed_everything; workers are reseeded in seed_worker
-            transform.reseed(torch.initial_seed() % 2**32)
+            transform.set_random_seed(torch.initial_seed() % 2**32)
             self.train_set = ImageSampleDataset(self.train_samples(), transform, skip_bad=hp.skip_bad_samples)
         if self.val_set is None:
             transform = build_eval_transform(hp.crop_size, hp.resize_size, ten_crop=hp.ten_crop)
@@ -153,15 +154,6 @@ class ImageClassificationDataModule(LightningDataModule):
     @staticmethod
     def _has_report(trainer: Trainer) -> bool:
         return any(isinstance(cb, BadSampleReport) for cb in trainer.callbacks)
-
-    def _check_model_classes(self) -> None:
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        model_classes = module.hparams.get("num_classes") if module is not None else None
-        if model_classes is not None and model_classes < self.num_classes:
-            raise DataError(
-                f"{type(self).__name__} at {self.root} has {self.num_classes} classes but the model has "
-                f"{model_classes} outputs: set model.num_classes: {self.num_classes}"
-            )
 
 
 class BadSampleReport(Callback):

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import cv2
 import numpy as np
 import torch
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset
 
 from .lists import DataError, SampleTable
 from .transforms import read_image
@@ -73,17 +72,3 @@ class ImageSampleDataset(Dataset):
             f"{self.max_consecutive_bad + 1} consecutive samples could not be loaded, starting at {bad}; "
             f"last: {last}. Is the image folder right?"
         )
-
-
-def seed_worker(worker_id: int) -> None:
-    """DataLoader `worker_init_fn`: a distinct augmentation stream per worker and epoch, one OpenCV thread.
-
-    torch gives every worker of every epoch its own seed; the albumentations pipeline copied into a forked
-    worker would otherwise replay the parent's random stream in every worker. OpenCV's own thread pool would
-    oversubscribe the cores the other workers use.
-    """
-    cv2.setNumThreads(1)
-    info = get_worker_info()
-    transform = getattr(info.dataset, "transform", None)
-    if hasattr(transform, "reseed"):
-        transform.reseed(info.seed % 2**32)

@@ -5,11 +5,12 @@ side to 256, centre crop 224, or the ten crops (four corners and centre, and the
 decoded with OpenCV, which decodes these JPEGs faster than PIL. The workers hand over uint8 tensors and
 `normalize` runs on the training device (as timm's prefetcher and DALI do): float normalisation was the
 most expensive step of a worker, and uint8 batches move to the GPU in a quarter of the bytes.
-The torchvision equivalents are kept here for the throughput comparison only (`places365/throughput.py`).
+The torchvision equivalents are kept here for the throughput comparison only (`tools/benchmark.py --sections data`).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations otherwise queries PyPI at import
@@ -47,8 +48,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 class ImageTransform:
     """(H, W, 3) uint8 RGB -> uint8 tensor (3, S, S), or (10, 3, S, S) with `ten_crop`; see `normalize`.
 
-    Wraps an albumentations pipeline; `reseed(seed)` gives each DataLoader worker its own random stream
-    (a forked worker otherwise repeats the parent's, so all workers would draw the same crops).
+    Wraps an albumentations pipeline; `set_random_seed(seed)` (albumentations' name) gives each DataLoader
+    worker its own random stream (a forked worker otherwise repeats the parent's: all would draw the same crops).
     """
 
     def __init__(self, pipeline: A.Compose, ten_crop: int | None = None):
@@ -62,7 +63,7 @@ class ImageTransform:
         crops = ten_crops(out, self.ten_crop)
         return torch.from_numpy(np.ascontiguousarray(crops.transpose(0, 3, 1, 2)))
 
-    def reseed(self, seed: int) -> None:
+    def set_random_seed(self, seed: int) -> None:
         self.pipeline.set_random_seed(seed)
 
     def __repr__(self) -> str:
@@ -101,9 +102,15 @@ def normalize(
     images: torch.Tensor, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD
 ) -> torch.Tensor:
     """uint8 images (..., 3, H, W) -> float32 (x / 255 - mean) / std, on the images' device."""
-    mean_t = torch.tensor(mean, device=images.device).view(-1, 1, 1) * 255
-    std_t = torch.tensor(std, device=images.device).view(-1, 1, 1) * 255
+    mean_t, std_t = _pixel_stats(tuple(mean), tuple(std), images.device)
     return (images.float() - mean_t) / std_t
+
+
+@functools.lru_cache(maxsize=8)
+def _pixel_stats(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """mean and std in 0..255 units, (3, 1, 1) on `device`; made once, as a blocking copy to the GPU per batch
+    would make the host wait for the GPU's queue every step."""
+    return tuple(torch.tensor(v, device=device).view(-1, 1, 1) * 255 for v in (mean, std))
 
 
 def ten_crops(image: np.ndarray, size: int) -> np.ndarray:

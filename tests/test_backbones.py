@@ -178,6 +178,24 @@ def test_se_placements_see_the_tensor_the_paper_describes(placement):
     torch.testing.assert_close(_captured_se_input(block, x), expected)
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("stage,index", [(1, 0), (1, 1)], ids=["projection", "identity"])
+def test_standard_se_unit_computes_relu_of_scaled_branch_plus_shortcut(stage, index, grad):
+    """The fused SE scale-and-sum (in place when autograd records nothing) leaves the unit's input untouched."""
+    model = B.create_model("se_resnet50", layers=(2, 1, 1, 1)).eval()
+    block = getattr(model, f"layer{stage}")[index]
+    x = torch.randn(1, 64 if index == 0 else 256, 8, 8)
+    x_before = x.clone()
+    with torch.no_grad():
+        shortcut = x if block.downsample is None else block.downsample(x)
+        expected = torch.relu(block.se(block.branch(x)) + shortcut)
+    with torch.set_grad_enabled(grad):
+        out = block(x)
+    assert out.requires_grad == grad
+    torch.testing.assert_close(out, expected)
+    assert torch.equal(x, x_before)
+
+
 def test_se_stages_select_where_blocks_carry_se():
     model = B.create_model("se_resnet50", se_stages=(2, 3, 4))
     for i, layer in enumerate((model.layer1, model.layer2, model.layer3, model.layer4)):
@@ -282,6 +300,16 @@ def test_cifar_preact_blocks_and_se_position():
         torch.testing.assert_close(blk(x), blk.se(expected_se_input) + blk.shortcut(pre))
 
 
+@pytest.mark.parametrize("block", ["basic", "bottleneck"])
+def test_cifar_drop_rate_reaches_every_block_type(block):
+    x = torch.randn(2, 3, 32, 32)
+    kw = {"block": block, "depth_per_stage": 1, "widths": (16, 32, 64)}
+    dropped = B.create_model("cifar_resnet110", drop_rate=0.5, **kw).train()
+    assert not torch.allclose(dropped(x), dropped(x))
+    plain = B.create_model("cifar_resnet110", **kw).train()
+    assert torch.equal(plain(x), plain(x))
+
+
 # ---- the model-info tool ----------------------------------------------------------------------------------
 
 
@@ -296,3 +324,5 @@ def test_model_info_prints_tables_from_our_models(capsys):
     main(["cifar_se_resnet110", "--set", "se_reduction=8"])
     out = capsys.readouterr().out
     assert "cifar_se_resnet110" in out and "se_reduction" in out
+    with pytest.raises(SystemExit):  # overrides would silently not reach the paper's rows
+        main(["--table", "13", "--set", "se_reduction=8"])

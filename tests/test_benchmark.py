@@ -105,6 +105,16 @@ def test_tiny_run_measures_the_data_pipelines(tiny_run):
     assert math.isfinite(record["data_places365_vs_torchvision"]) and record["data_places365_vs_torchvision"] > 0
 
 
+def test_tiny_run_times_detection(tiny_run):
+    record, _ = tiny_run
+    (section,) = [s for s in record["sections"] if s["title"].startswith("Detection")]
+    if section["skipped"]:
+        pytest.skip(f"detection section skipped: {section['skipped']}")
+    assert [row["name"] for row in section["rows"]] == ["SE-R50-FPN", "R50-FPN"]
+    value = record["detection_se_overhead_infer"]
+    assert math.isfinite(value) and value > 0 and record["figures"]["detection_se_overhead_infer"]["target"] == 1.05
+
+
 def test_tiny_run_writes_a_valid_png(tiny_run):
     _, png = tiny_run
     data = png.read_bytes()

@@ -90,9 +90,31 @@ def test_images_pixel_exact_and_labels(tmp_path, spec):
 def test_python3_pickles_with_str_keys_are_accepted_too(tmp_path):
     written = write_release(tmp_path, CIFAR100)
     py3 = {k.decode(): v for k, v in written["test"].items()}
-    (tmp_path / CIFAR100.folder / "test").write_bytes(pickle.dumps(py3))
-    images, labels = load_split(tmp_path, CIFAR100, train=False)
-    assert labels.tolist() == py3["fine_labels"]
+    for protocol in (2, 4, 5):  # 5 stores arrays through numpy's _frombuffer
+        (tmp_path / CIFAR100.folder / "test").write_bytes(pickle.dumps(py3, protocol=protocol))
+        images, labels = load_split(tmp_path, CIFAR100, train=False)
+        assert labels.tolist() == py3["fine_labels"]
+        assert np.array_equal(images.transpose(0, 3, 1, 2).reshape(6, 3072), py3["data"])
+
+
+class _RunsCode:
+    """Unpickles as a call of `open(marker, "w")`: what any code in a hostile pickle could do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def test_a_pickle_that_would_run_code_is_refused(tmp_path):
+    written = write_release(tmp_path, CIFAR10)
+    marker = tmp_path / "ran"
+    hostile = {**written["test_batch"], b"filenames": _RunsCode(marker)}
+    write_py2_pickle(hostile, tmp_path / CIFAR10.folder / "test_batch")
+    with pytest.raises(CIFARFormatError, match=r"test_batch: refused to unpickle it: it names io.open"):
+        load_split(tmp_path, CIFAR10, train=False)
+    assert not marker.exists()
 
 
 def test_md5_verification(tmp_path):

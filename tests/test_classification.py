@@ -72,6 +72,15 @@ def test_linear_warmup_and_cosine():
     assert [wrn(e) for e in (59, 60, 120, 160, 199)] == pytest.approx([1, 0.2, 0.04, 0.008, 0.008])
 
 
+def test_cosine_over_epochs_needs_max_epochs(tmp_path):
+    module = ClassificationModule(Identity(), num_classes=4, schedule="cosine", interval="epoch")
+    module.trainer = quiet_trainer(tmp_path, max_epochs=-1, max_steps=10)  # as fit resolves max_steps alone
+    with pytest.raises(ValueError, match="needs trainer.max_epochs"):
+        module.configure_optimizers()
+    module.trainer = quiet_trainer(tmp_path, max_epochs=4)
+    assert module.lr_schedule().total == 4
+
+
 def test_optimizer_from_hparams_and_no_weight_decay_on_bn_bias(tmp_path):
     module = ClassificationModule(
         "cifar_resnet110", model_options=TINY, lr=0.1, nesterov=True, weight_decay=5e-4, no_wd_on_bn_bias=True
@@ -181,9 +190,12 @@ def test_atomic_checkpoint_write_survives_a_crash(tmp_path, monkeypatch):
     io.save_checkpoint({"w": torch.ones(3)}, path)
     before = path.read_bytes()
     assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(3))
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"")
+    assert path.stat().st_mode == plain.stat().st_mode  # the umask's permissions, as torch.save would give
 
     def crash_midway(obj, f):
-        f.write(b"half a checkpoint")
+        Path(f).write_bytes(b"half a checkpoint")
         raise KeyboardInterrupt  # e.g. the job was killed while writing
 
     monkeypatch.setattr(cli_module.torch, "save", crash_midway)

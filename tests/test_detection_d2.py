@@ -10,6 +10,7 @@ pytest.importorskip("detectron2", reason="Detectron2 is not installed (it cannot
 
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from detectron2.engine import default_argument_parser  # noqa: E402
+from detectron2.engine.hooks import PeriodicCheckpointer  # noqa: E402
 from detectron2.layers import FrozenBatchNorm2d  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.structures import Boxes, Instances  # noqa: E402
@@ -22,7 +23,7 @@ from detection import SENetCheckpointer, get_config  # noqa: E402
 from detection import data as d2data  # noqa: E402
 from detection.backbone import SEBottleneckBlock, SEResNet  # noqa: E402
 from detection.data import DatasetLayoutError, prepare_datasets  # noqa: E402
-from detection.engine import METRICS_FILE  # noqa: E402
+from detection.engine import METRICS_FILE, Trainer  # noqa: E402
 from detection.engine import main as train_net_main  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -337,3 +338,25 @@ def test_train_net_trains_evaluates_and_resumes(tiny_synthetic):
     resumed = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()[logged:]]
     trained = {m["iteration"] for m in resumed if "total_loss" in m}
     assert trained == {2}  # iterations 0-1 were not run again
+
+
+def test_trainer_saves_atomically_through_one_checkpointer(tiny_synthetic, monkeypatch):
+    """A save killed half-way leaves the previous checkpoint and `last_checkpoint` whole: fvcore writes in place,
+    and a resumed run rewrites model_final.pth, the very file `last_checkpoint` names."""
+    out = tiny_synthetic / "out"
+    trainer = Trainer(get_config(SMOKE, ["OUTPUT_DIR", str(out), "DATALOADER.NUM_WORKERS", 0, *R18]))
+    periodic = [h for h in trainer._hooks if isinstance(h, PeriodicCheckpointer)]
+    assert isinstance(trainer.checkpointer, SENetCheckpointer) and periodic[0].checkpointer is trainer.checkpointer
+    trainer.checkpointer.save("model_final", iteration=1)
+    saved = (out / "model_final.pth").read_bytes()
+
+    def killed(obj, f, *args, **kwargs):
+        Path(f).write_bytes(saved[: len(saved) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.checkpointer.save("model_final", iteration=2)
+    assert (out / "model_final.pth").read_bytes() == saved
+    assert (out / "last_checkpoint").read_text() == "model_final.pth"
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))

@@ -45,7 +45,10 @@ def test_2x_schedule_and_data(name):
     assert solver["BASE_LR"] == 0.02
     assert solver["MAX_ITER"] == 180000
     assert tuple(yaml.safe_load(str(solver["STEPS"]).replace("(", "[").replace(")", "]"))) == (120000, 160000)
-    assert solver["WARMUP_ITERS"] > 0 and solver["WARMUP_METHOD"] == "linear"
+    # Detectron's (SOLVER.WARM_UP_*, BIAS_DOUBLE_LR, BIAS_WEIGHT_DECAY defaults), not detectron2's
+    assert solver["WARMUP_ITERS"] == 500 and solver["WARMUP_METHOD"] == "linear"
+    assert abs(solver["WARMUP_FACTOR"] - 1 / 3) < 1e-9
+    assert solver["BIAS_LR_FACTOR"] == 2.0 and solver["WEIGHT_DECAY_BIAS"] == 0.0
     assert solver["MOMENTUM"] == 0.9 and solver["WEIGHT_DECAY"] == 1e-4
     assert "coco_2017_train" in cfg["DATASETS"]["TRAIN"] and "coco_2017_val" in cfg["DATASETS"]["TEST"]
     assert cfg["MODEL"]["BACKBONE"]["NAME"] == "build_se_resnet_fpn_backbone"

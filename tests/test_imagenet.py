@@ -66,6 +66,14 @@ def test_imagenet_layout_errors(tmp_path):
         ImageNetDataModule(str(root), num_workers=0).setup("fit")
 
 
+def test_a_model_with_fewer_outputs_than_classes_stops_before_training(tmp_path):
+    root = make_imagenet(tmp_path / "imagenet", per_class=1)
+    with pytest.raises(ValueError, match="the data has 3 classes but the model num_classes=2"):
+        imagenet_cli(["fit", *TINY, "--model.num_classes", "2", "--data.root", str(root), "--data.num_workers", "0",
+                      "--trainer.accelerator", "cpu", "--trainer.logger", "false",
+                      "--trainer.default_root_dir", str(tmp_path / "out")])  # fmt: skip
+
+
 @pytest.mark.slow
 def test_finetune_places365_from_imagenet_trainer_checkpoint(tmp_path):
     """ImageNet trainer (Section 5.1 config, tiny model) -> last.ckpt -> the common loader -> Places365 fine-tuning."""

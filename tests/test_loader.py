@@ -382,6 +382,12 @@ def test_classifier_kept_when_it_fits_dropped_when_not(timm_se50):
     report = load_pretrained(create_model("se_resnet50", layers=TINY), no_head_in_file)
     assert report.missing == ["fc.weight", "fc.bias"]
 
+    # a kept head must be whole: a file's fc.weight without its fc.bias leaves the bias at init, so it is missing
+    half_head = {k: v for k, v in sd.items() if k != "fc.bias"}
+    with pytest.raises(CheckpointError, match=r"missing from the checkpoint \(1\): fc\.bias"):
+        load_pretrained(create_model("se_resnet50", layers=TINY), half_head)
+    assert load_pretrained(create_model("se_resnet50", layers=TINY), half_head, strict=False).missing == ["fc.bias"]
+
 
 # ------------------------------------------------------------------------------------------------------ safety
 
@@ -459,6 +465,20 @@ def test_cuda_saved_checkpoint_loads_on_cpu(tmp_path):
     assert max_diff(ref, ours) == 0
 
 
+def test_legacy_torch_file_is_recognised_whatever_its_pickle_protocol(tmp_path):
+    """torch.save(..., _use_new_zipfile_serialization=False) opens with its pickled magic number, framed from
+    protocol 4 on (which torch's weights-only unpickler cannot read: only trusted=True opens it)."""
+    ref = randomize(create_model("resnet18", layers=TINY))
+    for protocol in (2, 4):
+        path = tmp_path / f"legacy{protocol}.pth"
+        torch.save(ref.state_dict(), path, _use_new_zipfile_serialization=False, pickle_protocol=protocol)
+        ours = create_model("resnet18", layers=TINY)
+        report = load_pretrained(ours, path, trusted=protocol > 2)
+        assert report.file_format == "torch" and max_diff(ref, ours) == 0
+    with pytest.warns(UserWarning, match="pickle protocol 4"), pytest.raises(UntrustedCheckpointError):
+        load_pretrained(create_model("resnet18", layers=TINY), tmp_path / "legacy4.pth")
+
+
 # -------------------------------------------------------------------------------------------------- bad input
 
 
@@ -528,6 +548,12 @@ def test_failed_load_leaves_every_tensor_unchanged(tmp_path):
         CheckpointError, match=r"layer4\.0\.conv3\.weight: checkpoint \(2048, 512, 3, 3\) vs model \(2048, 512, 1, 1\)"
     ):
         load_pretrained(model, tmp_path / "bad.pth")
+    assert_unchanged(model, before)
+    # a tensor that cannot be copied into the model (here a meta tensor, last in file order) loads nothing either
+    model = create_model("resnet50", layers=TINY)
+    before = snapshot(model)
+    with pytest.raises(CheckpointError, match=r"fc\.bias .*meta.*nothing was loaded"):
+        load_pretrained(model, dict(plain, **{"fc.bias": torch.empty(1000, device="meta")}))
     assert_unchanged(model, before)
     # strict=False takes what fits and reports the rest
     report = load_pretrained(se_model, tmp_path / "resnet50.pth", strict=False)
@@ -632,9 +658,32 @@ def test_interrupted_writes_never_leave_a_half_checkpoint(caffe_se50, tmp_path, 
     monkeypatch.setattr(os, "replace", dies_between_files)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(model, path, name="se_resnet50", options=options)
+    # cut between the renames of a first write: no weights that would read as a foreign file without a record
+    calls.clear()
+    fresh = tmp_path / "fresh" / "se50.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(model, fresh, name="se_resnet50", options=options)
     monkeypatch.undo()
     with pytest.raises(CheckpointError, match="write interrupted"):
         create_pretrained(None, path)
+    with pytest.raises(CheckpointError, match="no such checkpoint file"):
+        create_pretrained(None, fresh)
+    assert [p.name for p in fresh.parent.iterdir()] == ["se50.json"]
+
+
+def test_written_checkpoints_are_readable_as_any_file_the_user_writes(caffe_se50, tmp_path):
+    """Staged writes (mkstemp, safetensors) make 0600 files; a checkpoint gets what umask gives a plain open()."""
+    _, model = caffe_se50
+    umask = os.umask(0o022)
+    try:
+        options = {"layers": TINY, "style": "caffe"}
+        save_checkpoint(model, tmp_path / "se50.safetensors", name="se_resnet50", options=options)
+        save_detectron2(model, tmp_path / "se50.pkl", name="se_resnet50", options=options)
+    finally:
+        os.umask(umask)
+    assert {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == {
+        "se50.safetensors": 0o644, "se50.json": 0o644, "se50.pkl": 0o644,
+    }  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------- detectron2

@@ -23,9 +23,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
 from classification.module import ClassificationModule
+from classification.workers import seed_worker
 from places365 import DataError, ImageSampleDataset, Places365DataModule, build_eval_transform, build_train_transform
 from places365.cli import imagenet_cli, places365_cli
-from places365.dataset import seed_worker
 from places365.lists import SampleTable
 from places365.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize, ten_crops
 

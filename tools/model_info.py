@@ -32,10 +32,11 @@ def _parse_set(items: list[str]) -> dict:
     return overrides
 
 
-def _measure(name: str, overrides: dict) -> tuple[float, float, tuple[int, int, int]]:
+def _measure(name: str, overrides: dict) -> tuple[int, int, tuple[int, int, int]]:
+    """Parameters, MACs and the (C, H, W) input they were counted on."""
     model = create_model(name, **overrides)
     size = default_input_size(name)
-    return count_params(model) / 1e6, count_macs(model, size) / 1e9, size
+    return count_params(model), count_macs(model, size), size
 
 
 def _fmt(value: float | None, digits: int) -> str:
@@ -48,6 +49,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model option override")
     parser.add_argument("--table", action="append", default=[], choices=sorted(PAPER_TABLES), help="paper table")
     args = parser.parse_args(argv)
+    if args.set and args.table and not args.models:
+        parser.error("--set applies to the models listed, not to the --table rows")
     console = Console()
 
     if args.table:
@@ -57,10 +60,10 @@ def main(argv: list[str] | None = None) -> None:
             for col in ("variant", "params (M)", "paper params (M)", "GMACs", "paper GFLOPs", "paper top-1/top-5"):
                 table.add_column(col, justify="left" if col == "variant" else "right")
             for row in rows:
-                params, gmacs, _ = _measure(row.model, row.overrides)
+                params, macs, _ = _measure(row.model, row.overrides)
                 err = "-" if row.paper_top1_top5 is None else "{:.2f} / {:.2f}".format(*row.paper_top1_top5)
                 table.add_row(
-                    row.label, _fmt(params, 2), _fmt(row.paper_params_m, 1), _fmt(gmacs, 3),
+                    row.label, _fmt(params / 1e6, 2), _fmt(row.paper_params_m, 1), _fmt(macs / 1e9, 3),
                     _fmt(row.paper_gflops, 2), err,
                 )  # fmt: skip
             console.print(table)
@@ -72,8 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     for col in ("model", "params", "GMACs", "input"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for name in args.models or list_models():
-        params, gmacs, size = _measure(name, overrides)
-        table.add_row(name, f"{params * 1e6:,.0f}", f"{gmacs:.3f}", "x".join(map(str, size[1:])))
+        params, macs, size = _measure(name, overrides)
+        table.add_row(name, f"{params:,}", f"{macs / 1e9:.3f}", "x".join(map(str, size[1:])))
     console.print(table)
 
 
