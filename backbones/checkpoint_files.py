@@ -93,9 +93,12 @@ def _fetch_url(url: str) -> Path:
         return Path(urllib.parse.unquote(parsed.path))
     dst = Path(torch.hub.get_dir()) / "checkpoints" / (Path(parsed.path).name or "checkpoint")
     if not dst.is_file():
-        dst.parent.mkdir(parents=True, exist_ok=True)
         log.info("downloading %s to %s", url, dst)
-        torch.hub.download_url_to_file(url, str(dst), progress=False)
+        try:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(url, str(dst), progress=False)
+        except OSError as e:  # URLError and HTTPError included; their text does not name the URL
+            raise CheckpointError(f"{url}: download to {dst} failed: {e}") from e
     return dst
 
 
@@ -108,7 +111,7 @@ def _torch_load(path: Path, map_location: Any, trusted: bool) -> Any:
     except pickle.UnpicklingError as e:
         if "weights only" not in str(e).lower():
             raise CheckpointError(f"{path}: corrupt torch checkpoint ({e})") from e
-        raise _untrusted(path, _unsafe_globals(path, str(e))) from e
+        raise _untrusted(path, _unsafe_globals(path, str(e)), _weights_only_reason(str(e))) from e
     except Exception as e:  # zip, EOF and storage errors of truncated or damaged files
         raise CheckpointError(f"{path}: cannot read it as a torch checkpoint (truncated or corrupt?): {_why(e)}") from e
 
@@ -120,11 +123,25 @@ def _unsafe_globals(path: Path, message: str) -> list[str]:
         return re.findall(r"GLOBAL ([\w.]+)", message)
 
 
-def _untrusted(path: Path, names: Iterable[str]) -> UntrustedCheckpointError:
+def _weights_only_reason(message: str) -> str:
+    """torch's own reason inside its long weights-only error, e.g. "Unsupported operand 149"."""
+    m = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\s*\n|$)", message, re.DOTALL)
+    return " ".join((m[1] if m else message).split())
+
+
+def _untrusted(path: Path, names: Iterable[str], reason: str = "") -> UntrustedCheckpointError:
+    names = list(names)
+    # without a forbidden global the file may hold only tensors in a form the weights-only unpickler cannot
+    # read (pickle protocol 4 framing): say what torch said rather than guess at code
+    why = (
+        f"it needs code outside plain tensors and containers ({', '.join(names)}), and unpickling runs that code"
+        if names
+        else f"torch's weights-only unpickler cannot read it ({reason or 'no reason given'}), and a full "
+        "unpickling could run code"
+    )
     return UntrustedCheckpointError(
-        f"{path}: refused to unpickle it: it needs code outside plain tensors and containers "
-        f"({', '.join(names) or 'unknown globals'}), and unpickling runs that code. Pass trusted=True "
-        "(--trusted on the command line) only if you trust the source of this file."
+        f"{path}: refused to unpickle it: {why}. Pass trusted=True (--trusted on the command line) only if you "
+        "trust the source of this file."
     )
 
 

@@ -101,9 +101,9 @@ def select_weights(
     """
     ordered = list(target_keys)
     target = set(ordered)
-    tensors = {k.replace("._orig_mod.", "."): v for k, v in checkpoint.tensors.items()}
+    tensors = _strip_compile_wrappers(checkpoint)
     if prefix is not None:
-        candidates = {prefix}
+        candidates = {prefix if prefix.endswith(".") or not prefix else f"{prefix}."}  # "teacher" = "teacher."
     else:
         anchors = {"conv1.weight", *ordered[:1]}
         candidates = {""}
@@ -129,7 +129,7 @@ def select_weights(
     if not found:
         raise CheckpointError(
             f"{checkpoint.path}: found no weights for this model among its {len(tensors)} tensors"
-            + (f" under prefix {prefix!r}" if prefix is not None else "")
+            + (f" under prefix {next(iter(candidates))!r}" if prefix is not None else "")
             + f" (first keys: {_few(list(tensors), 5)}); is it a checkpoint of another architecture?"
         )
     is_ema = {cand: any(_EMA_PART.search(part) for part in cand.split(".")) for _, cand, _, _ in found}
@@ -157,6 +157,33 @@ def select_weights(
     else:
         geometry = source_geometry(scheme, mapped)
     return Selection(mapped, scheme, cand, is_ema[cand], geometry)
+
+
+def _strip_compile_wrappers(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
+    """The tensors with torch.compile's inner `._orig_mod.` dropped; two keys that become one are an error."""
+    out: dict[str, torch.Tensor] = {}
+    source: dict[str, str] = {}
+    for key, value in checkpoint.tensors.items():
+        new = key.replace("._orig_mod.", ".")
+        if new in out:
+            raise CheckpointError(
+                f"{checkpoint.path}: keys {source[new]!r} and {key!r} both become {new!r} once torch.compile's "
+                "'_orig_mod.' is dropped; which one holds the weights is ambiguous"
+            )
+        out[new], source[new] = value, key
+    return out
+
+
+def _unwrap_model(model: nn.Module) -> nn.Module:
+    """The module that owns the weights inside DataParallel / DistributedDataParallel (`.module`) and
+    torch.compile (`._orig_mod`) wrappers, whose state dicts prefix every key."""
+    while True:
+        if isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def model_geometry(model: nn.Module) -> dict:
@@ -195,11 +222,12 @@ def load_pretrained(
     format: force a key scheme (`checkpoint_formats.SCHEMES`) instead of detecting it; "ours" also means
         "these plain-named weights come from this suite's model: trust the model's geometry".
     ema: load the EMA copy (`state_dict_ema`, `model_ema`, ...) instead of the raw weights.
-    prefix: take the weights under this flattened key prefix when several candidates tie.
+    prefix: take the weights under this flattened key prefix ("teacher" or "teacher.") when several candidates tie.
     strict: refuse missing or unexpected keys (the classifier follows its own rule: it is loaded when its
         class count matches the model's and dropped, with a note in the report, otherwise).
     Raises `CheckpointError` naming the file (and key and both shapes) on any problem; the model is then unchanged.
     """
+    model = _unwrap_model(model)
     checkpoint = read_checkpoint(source, map_location=map_location, trusted=trusted)
     current = model.state_dict()
     sel = select_weights(checkpoint, current, format=format, ema=ema, prefix=prefix)

@@ -44,7 +44,7 @@ def he_init(model: nn.Module) -> None:
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d | nn.GroupNorm):
+        elif isinstance(m, nn.BatchNorm2d | nn.GroupNorm) and m.weight is not None:  # affine=False: no weights
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
@@ -234,6 +234,12 @@ class ResNet(nn.Module):
         # A block class (a subclass of BasicBlock / Bottleneck) lets an engine wrap the blocks, e.g. as
         # detectron2 CNNBlockBase in detection/, without a second copy of the stage construction.
         block_cls = BLOCKS[block] if isinstance(block, str) else block
+        # a basic block has no bottleneck width to widen or group: refuse rather than build a plain ResNet
+        if issubclass(block_cls, BasicBlock) and (groups != 1 or width_per_group != 64):
+            raise ValueError(
+                f"basic blocks take groups=1 and width_per_group=64 only, got groups={groups} and "
+                f"width_per_group={width_per_group}; wide and ResNeXt models use block='bottleneck'"
+            )
         se_layer = (
             partial(
                 SqueezeExcite,

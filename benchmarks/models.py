@@ -228,11 +228,14 @@ def run_models(settings: Settings, log: Callable[[str], None] = print) -> dict[s
         elif share_weights(modules[comp.numerator], modules[comp.denominator]):
             results[comp.denominator].same_weights_as = comp.numerator
 
+    # Prepared (compiled) once for all modes: dynamo guards on train/eval and grad mode, so each mode's
+    # warm-up rounds still absorb that mode's compilation.
+    runners = {key: prepare(model, settings) for key, model in modules.items()}
     for mode in settings.modes:
         steps = {}
         for key, model in modules.items():
             model.train(mode == "train")
-            runner = prepare(model, settings)
+            runner = runners[key]
             steps[key] = infer_step(runner, x, settings) if mode == "infer" else train_step(runner, x, y, settings)
         log(f"timing {mode}: {len(steps)} models x {settings.repeats} rounds (+{settings.warmup} warm-up)")
         times = interleave(

@@ -9,6 +9,8 @@ and gets `fit | validate | test --config file.yaml [--config more.yaml] [--data.
 the model section bound to `ClassificationModule` and these defaults on top of Lightning's:
   - `--checkpoint.*`: ModelCheckpoint(save_last=True, every epoch) in `<trainer.default_root_dir>/checkpoints`
     (a fixed folder, so `--ckpt_path last` finds it from a new process), written atomically (AtomicCheckpointIO);
+    a ModelCheckpoint under `trainer.callbacks` gets the same folder (the Places365-Challenge and ImageNet
+    configs add one that also writes last.ckpt every N steps, so a pre-empted epoch resumes mid-way);
   - CSV and TensorBoard loggers under `<default_root_dir>/csv` and `<default_root_dir>/tensorboard` unless
     `--trainer.logger` says otherwise;
   - `--curves.*`: TrainingCurves, which plots the curves to `<default_root_dir>/curves.png` and prints the
@@ -167,6 +169,11 @@ class ClassificationCLI(LightningCLI):
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         root = Path(config.get("default_root_dir") or os.getcwd())
+        configured = config.get("callbacks") or []
+        # `--checkpoint` first, so it stays trainer.checkpoint_callback (`--ckpt_path best`) beside a config's own
+        # ModelCheckpoint (e.g. a step-based last.ckpt)
+        callbacks = [*callbacks, *(configured if isinstance(configured, list | tuple) else [configured])]
+        config["callbacks"] = []
         for cb in callbacks:
             if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
                 # fixed, unversioned: a later process must find last.ckpt for --ckpt_path last

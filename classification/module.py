@@ -36,7 +36,7 @@ from lightning.pytorch import LightningModule
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from backbones import create_model
+from backbones import create_model, load_pretrained
 
 
 class NonFiniteLossError(RuntimeError):
@@ -95,8 +95,10 @@ class ClassificationModule(LightningModule):
         model_options: keyword overrides for `backbones.create_model(model, ...)` (e.g. {"depth_per_stage": 1}).
         num_classes: number of classes; passed to `create_model` for a named model. For a built module it only
             sizes the metrics (the module's own classifier must already match).
-        pretrained: checkpoint path loaded through `backbones.create_model(..., pretrained=...)` (the common
-            loader: strips prefixes, drops a classifier of another class count, runs no code).
+        pretrained: checkpoint path loaded through `backbones.load_pretrained` (the common loader: strips
+            prefixes, drops a classifier of another class count, runs no code) when fit, validate or test
+            starts without a checkpoint to restore; a resumed run (`--ckpt_path last`) and
+            `load_from_checkpoint` take the weights from their checkpoint and never open this file.
         label_smoothing: cross-entropy label smoothing in [0, 1).
         lr, momentum, nesterov, weight_decay: SGD settings; `no_wd_on_bn_bias` exempts BN parameters and biases
             from weight decay.
@@ -142,9 +144,10 @@ class ClassificationModule(LightningModule):
                 raise ValueError("model_options and pretrained apply to a model name, not to a built nn.Module")
             self.model = model
         else:
-            self.model = create_model(
-                model, pretrained=pretrained, **{"num_classes": num_classes, **(model_options or {})}
-            )
+            self.model = create_model(model, **{"num_classes": num_classes, **(model_options or {})})
+        # not loaded here: load_from_checkpoint and a resumed fit also build the module from these
+        # hyperparameters, and the file may be gone by then (the checkpoint's weights replace it anyway)
+        self._pretrained_pending = pretrained is not None
         top5 = min(5, num_classes)
         self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
@@ -158,6 +161,26 @@ class ClassificationModule(LightningModule):
                 f"the data has {data_classes} classes but the model num_classes={self.hparams.num_classes}; "
                 f"set --model.num_classes {data_classes}"
             )
+
+    def load_pretrained_weights(self) -> None:
+        """Load the `pretrained` file into the network, once; a restored checkpoint cancels it."""
+        if self._pretrained_pending:
+            load_pretrained(self.model, self.hparams.pretrained)
+            self._pretrained_pending = False
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._pretrained_pending = False
+
+    # Lightning restores a checkpoint after `setup` and before these hooks; only strategies that restore after
+    # their own setup (FSDP, DeepSpeed) call on_fit_start first: the file is then read, and overwritten
+    def on_fit_start(self) -> None:
+        self.load_pretrained_weights()
+
+    def on_validation_start(self) -> None:
+        self.load_pretrained_weights()
+
+    def on_test_start(self) -> None:
+        self.load_pretrained_weights()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> logits (N, C); (N, K, 3, H, W) (K crops, e.g. ten-crop) -> log of the mean softmax (N, C).

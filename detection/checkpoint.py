@@ -53,17 +53,26 @@ CONFIG_KEYS = {
 }
 
 
+def check_weights_file(path: str) -> None:
+    """Raise CheckpointError unless MODEL.WEIGHTS is '' (from scratch), a URL or a readable local file."""
+    local = urlparse(path or "")._replace(query="").geturl()
+    if not path or urlparse(local).scheme:
+        return  # URLs and detectron2:// names are fetched by the load itself
+    if not os.path.isfile(local):
+        raise CheckpointError(
+            f"MODEL.WEIGHTS={path!r}: no such file. Put the ImageNet checkpoint there (any format "
+            "backbones.load_pretrained reads; see tools/convert_checkpoint.py), or pass MODEL.WEIGHTS '' to "
+            "train from scratch."
+        )
+    if not os.access(local, os.R_OK):
+        raise CheckpointError(f"MODEL.WEIGHTS={path!r}: the file is not readable by this user (check its permissions)")
+
+
 class SENetCheckpointer(DetectionCheckpointer):
     """DetectionCheckpointer that also reads ImageNet backbone checkpoints and refuses partial backbone loads."""
 
     def load(self, path: str, *args: Any, **kwargs: Any) -> dict:
-        local = urlparse(path or "")._replace(query="").geturl()
-        if path and not urlparse(local).scheme and not os.path.isfile(local):
-            raise CheckpointError(
-                f"MODEL.WEIGHTS={path!r}: no such file. Put the ImageNet checkpoint there (any format "
-                "backbones.load_pretrained reads; see tools/convert_checkpoint.py), or pass MODEL.WEIGHTS '' to "
-                "train from scratch."
-            )
+        check_weights_file(path)
         return super().load(path, *args, **kwargs)
 
     def save(self, name: str, **kwargs: Any) -> None:
@@ -87,9 +96,12 @@ class SENetCheckpointer(DetectionCheckpointer):
     def _load_file(self, filename: str) -> dict:
         self._filename = filename
         checkpoint = read_checkpoint(filename)  # sniffs the format; plain pickles go through a numpy-only unpickler
-        if self._is_detector_checkpoint(checkpoint):
-            return super()._load_file(filename)
-        return self._convert_backbone(checkpoint)
+        if not self._is_detector_checkpoint(checkpoint):
+            return self._convert_backbone(checkpoint)
+        if checkpoint.file_format in ("detectron2", "pickle"):
+            # detectron2 would read a .pkl again with plain pickle.load, which runs whatever code the file names
+            return _detectron2_pickle(checkpoint)
+        return super()._load_file(filename)  # torch files: torch.load, weights-only, keeps iteration and optimizer
 
     def _load_model(self, checkpoint: dict) -> Any:
         if checkpoint.get("matching_heuristics", False):  # align names first, so the check sees the final keys
@@ -214,6 +226,23 @@ class SENetCheckpointer(DetectionCheckpointer):
             "Pass an ImageNet checkpoint backbones.load_pretrained reads (or one converted with "
             "tools/convert_checkpoint.py --to detectron2), or MODEL.WEIGHTS '' to train from scratch."
         )
+
+
+def _detectron2_pickle(checkpoint: Checkpoint) -> dict:
+    """What DetectionCheckpointer._load_file makes of a detector .pkl, from the tensors of our safe read.
+
+    A detectron2-format file ({"model", "__author__", ...}) gives its "model"; any other pickle is taken, as
+    detectron2 takes it, for a Caffe2 / Detectron1 one: its tensors but the "_momentum" ones, matched by name
+    heuristics ("blobs" files hold no detector names, so they are ImageNet backbones here). The safe read keeps
+    tensors only, so a detectron2-format file's own `matching_heuristics` is not seen: its names are used as
+    they are, as detectron2-zoo detectors ask; backbones in detectron2's names (whose converters ask for
+    heuristics) never cover our SE-ResNet either way.
+    """
+    if checkpoint.file_format == "detectron2":
+        model = {k.removeprefix("model."): v for k, v in checkpoint.tensors.items() if k.startswith("model.")}
+        return {"model": model, "__author__": "detectron2 .pkl", "matching_heuristics": False}
+    model = {k: v for k, v in checkpoint.tensors.items() if not k.endswith("_momentum")}
+    return {"model": model, "__author__": "Caffe2", "matching_heuristics": True}
 
 
 def _config_hint(message: str) -> str:

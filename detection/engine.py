@@ -17,7 +17,7 @@ from torch import nn
 
 from backbones.atomic import atomic_write
 
-from .checkpoint import SENetCheckpointer
+from .checkpoint import SENetCheckpointer, check_weights_file
 from .config import add_senet_config
 from .data import prepare_datasets
 
@@ -79,12 +79,27 @@ def write_metrics(cfg: CfgNode, results: dict) -> Path:
     return atomic_write(Path(cfg.OUTPUT_DIR) / METRICS_FILE, lambda tmp: tmp.write_text(text))
 
 
-def setup(args) -> CfgNode:
-    """Config from the command line (`--config-file`, trailing KEY VALUE), logging, data on disk."""
+def check(args) -> CfgNode:
+    """Config from the command line (`--config-file`, trailing KEY VALUE), with the files it needs checked.
+
+    Generates the synthetic data it names; raises DatasetLayoutError for missing COCO files and CheckpointError
+    for a missing or unreadable MODEL.WEIGHTS (unless --resume finds a checkpoint in OUTPUT_DIR, which then is
+    what loads). tools/train_net.py calls it before starting workers too: an error raised in a spawned worker
+    reaches the user as a wall of tracebacks, and the workers then do not generate the same data at once.
+    """
     cfg = get_config(args.config_file, args.opts)
     cfg.freeze()
-    default_setup(cfg, args)
     prepare_datasets(cfg)
+    resuming = args.resume and SENetCheckpointer(nn.Module(), cfg.OUTPUT_DIR).has_checkpoint()  # reads save_dir only
+    if not resuming:
+        check_weights_file(cfg.MODEL.WEIGHTS)
+    return cfg
+
+
+def setup(args) -> CfgNode:
+    """The checked config (`check`), then detectron2's logging, OUTPUT_DIR and seeding (`default_setup`)."""
+    cfg = check(args)
+    default_setup(cfg, args)
     return cfg
 
 

@@ -89,6 +89,11 @@ def test_registry_errors_list_valid_choices():
         B.create_model("se_resnet50", se_stages=(1,))
     with pytest.raises(ValueError, match="'pytorch', 'caffe'"):
         B.create_model("resnet50", style="tf")
+    # a basic block has no bottleneck width: a wide or grouped request is refused, not silently ignored
+    with pytest.raises(ValueError, match="width_per_group=128.*block='bottleneck'"):
+        B.create_model("resnet18", width_per_group=128)
+    with pytest.raises(ValueError, match="groups=32"):
+        B.create_model("se_resnet34", groups=32, width_per_group=4)
 
 
 # ---- the SE block ---------------------------------------------------------------------------------------
@@ -233,6 +238,17 @@ def test_zero_init_last_makes_blocks_start_as_identity():
     x = torch.randn(1, 256, 8, 8).relu()
     with torch.no_grad():
         torch.testing.assert_close(model.layer1[1](x), x)  # relu(0 * se + x) == x for x >= 0
+
+
+@pytest.mark.parametrize(
+    "norm",
+    [lambda c: nn.BatchNorm2d(c, affine=False), lambda c: nn.GroupNorm(8, c, affine=False)],
+    ids=["batch", "group"],
+)
+def test_norms_without_affine_weights_build_and_run(norm):
+    model = B.create_model("se_resnet18", layers=(1, 1, 1, 1), norm_layer=norm, num_classes=3).eval()
+    assert model.bn1.weight is None  # nothing for the init to set to identity
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3)
 
 
 def test_gradients_flow_through_se():

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks.models import COMPARISONS
+from benchmarks.models import COMPARISONS, Settings, run_models
 from benchmarks.report import Figure, ratio_figure
 from benchmarks.timing import Spread, count_flops, interleave, paired_ratio
 
@@ -123,6 +123,20 @@ def test_tiny_run_writes_a_valid_png(tiny_run):
     width, height = struct.unpack(">II", data[16:24])
     assert kind == b"IHDR" and length == 13 and width > 100 and height > 100
     assert data[-8:-4] == b"IEND"
+
+
+def test_each_model_is_compiled_once_for_all_modes(monkeypatch):
+    compiled = []
+
+    def compile(model):
+        compiled.append(model)
+        return model
+
+    monkeypatch.setattr(torch, "compile", compile)
+    settings = Settings(batch_size=2, resolution=32, compile=True, repeats=1, warmup=0, tiny=True)
+    results = run_models(settings, log=lambda _: None)
+    assert all(set(r.times) == {"infer", "train"} for r in results.values())
+    assert len(compiled) == len(results) == len({id(m) for m in compiled})
 
 
 def test_interleave_alternates_order_and_drops_warmup():

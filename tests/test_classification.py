@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import classification.cli as cli_module
+from backbones import create_model
 from classification.cli import AtomicCheckpointIO, ClassificationCLI, TrainingCurves
 from classification.module import ClassificationModule, LrSchedule, NonFiniteLossError, param_groups
 
@@ -182,6 +183,36 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     t = trainer(2)
     t.fit(resumed, datamodule=data, ckpt_path=str(last))
     assert t.global_step == 8
+
+
+def test_resume_and_load_from_checkpoint_do_not_need_the_pretrained_file(tmp_path):
+    source = create_model("cifar_resnet110", num_classes=4, **TINY)
+    weights = tmp_path / "pretrained.pth"
+    torch.save(source.state_dict(), weights)
+    data = TensorData(*random_images(), batch_size=8)
+
+    def module() -> ClassificationModule:
+        return ClassificationModule("cifar_resnet110", model_options=TINY, num_classes=4, pretrained=str(weights))
+
+    def fit(root: Path, callbacks=(), ckpt_path=None) -> ClassificationModule:
+        checkpoint = cli_module.ModelCheckpoint(dirpath=root / "checkpoints", save_last=True)
+        trainer = quiet_trainer(root, max_epochs=3, callbacks=[checkpoint, *callbacks])
+        fitted = module()
+        trainer.fit(fitted, datamodule=data, ckpt_path=ckpt_path)
+        return fitted
+
+    fresh = module()
+    quiet_trainer(tmp_path).validate(fresh, datamodule=data, verbose=False)  # no checkpoint: the file is loaded
+    torch.testing.assert_close(fresh.model.state_dict(), source.state_dict(), atol=0, rtol=0)
+    straight = fit(tmp_path / "straight")
+    with pytest.raises(NonFiniteLossError):  # a fault in epoch 2: last.ckpt holds the end of epoch 1
+        fit(tmp_path / "split", [PoisonBatch(epoch=2, batch=0)])
+    weights.unlink()  # moved or deleted between the runs
+    resumed = fit(tmp_path / "split", ckpt_path="last")
+    torch.testing.assert_close(resumed.state_dict(), straight.state_dict(), atol=0, rtol=0)
+    loaded = ClassificationModule.load_from_checkpoint(tmp_path / "split/checkpoints/last.ckpt", weights_only=True)
+    torch.testing.assert_close(loaded.state_dict(), straight.state_dict(), atol=0, rtol=0)
+    quiet_trainer(tmp_path).validate(loaded, datamodule=data, verbose=False)  # and validates without the file
 
 
 def test_atomic_checkpoint_write_survives_a_crash(tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import pickle
+import socket
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,25 @@ def test_cli_errors_are_one_clear_line(cadene_file, tmp_path, capsys):
     assert tool.main([str(tmp_path / "evil.pth"), str(tmp_path / "y.safetensors"), "--arch", "resnet18"]) == 2
     assert "--trusted" in capsys.readouterr().err
     assert not (tmp_path / "pwned").exists()
+
+
+def test_cli_io_errors_are_one_clear_line(cadene_file, tmp_path, capsys, monkeypatch):
+    """An unwritable destination and a failed download end in one line and exit code 2, not a traceback."""
+    _, src = cadene_file
+    tool = load_tool()
+    (tmp_path / "file").touch()  # a folder that is a file: refused even to root
+    dst = tmp_path / "file" / "x.safetensors"
+    assert tool.main([str(src), str(dst), "--arch", "se_resnet50", "--set", "layers=(1,1,1,1)"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and str(tmp_path / "file") in err
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+    with socket.socket() as s:  # a local port nobody listens on: the download fails at once
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/se_resnet50.pth"
+    assert tool.main([url, str(tmp_path / "y.safetensors"), "--arch", "se_resnet50"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {url}: download") and err.count("\n") == 1
 
 
 def test_set_parses_literals_and_strings():

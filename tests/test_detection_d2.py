@@ -1,13 +1,19 @@
 """The Detectron2 add-on with Detectron2 installed: builders, configs, freezing, weights in every format, training."""
 
 import json
+import os
+import pickle
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("detectron2", reason="Detectron2 is not installed (it cannot be pip-installed on a fresh machine)")
 
+import detectron2.checkpoint.detection_checkpoint as d2_checkpoint  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from detectron2.engine import default_argument_parser  # noqa: E402
 from detectron2.engine.hooks import PeriodicCheckpointer  # noqa: E402
@@ -23,7 +29,7 @@ from detection import SENetCheckpointer, get_config  # noqa: E402
 from detection import data as d2data  # noqa: E402
 from detection.backbone import SEBottleneckBlock, SEResNet  # noqa: E402
 from detection.data import DatasetLayoutError, prepare_datasets  # noqa: E402
-from detection.engine import METRICS_FILE, Trainer  # noqa: E402
+from detection.engine import METRICS_FILE, Trainer, check  # noqa: E402
 from detection.engine import main as train_net_main  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -234,6 +240,42 @@ def test_detector_checkpoint_resumes_exactly(tmp_path):
     assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in model.state_dict().items())
 
 
+def test_detector_pkl_never_reaches_plain_pickle(tmp_path, monkeypatch):
+    """A detector .pkl loads from the numpy-only read; detectron2's own plain pickle.load never sees it."""
+    model = build(SMOKE, *R18)
+    path = tmp_path / "model_final.pkl"
+    weights = {k: v.numpy() for k, v in model.state_dict().items()}
+    path.write_bytes(pickle.dumps({"model": weights, "__author__": "someone"}))
+
+    def unsafe(*args, **kwargs):
+        raise AssertionError("plain pickle.load read the checkpoint")
+
+    monkeypatch.setattr(d2_checkpoint.pickle, "load", unsafe)
+    fresh = build(SMOKE, *R18)
+    SENetCheckpointer(fresh).load(str(path))
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"model": {"roi_heads.w": np.ones(2, np.float32)}, "__author__": "someone"},
+        {"roi_heads.w": np.ones(2, np.float32), "roi_heads.w_momentum": np.zeros(2)},
+    ],
+    ids=["detectron2", "caffe2"],
+)
+def test_detector_pkl_is_what_detectron2_makes_of_it(payload, tmp_path):
+    path = tmp_path / "model_final.pkl"
+    path.write_bytes(pickle.dumps(payload))
+    model = build(SMOKE, *R18)
+    theirs = d2_checkpoint.DetectionCheckpointer(model)._load_file(str(path))  # a file of ours: trusted
+    ours = SENetCheckpointer(model)._load_file(str(path))
+    assert theirs["model"].keys() == ours["model"].keys()
+    assert all(torch.equal(torch.as_tensor(v), torch.as_tensor(ours["model"][k])) for k, v in theirs["model"].items())
+    assert ours.get("matching_heuristics", False) == theirs.get("matching_heuristics", False)
+    assert (ours["__author__"] == "Caffe2") == (theirs["__author__"] == "Caffe2")
+
+
 def _unchanged(model, load):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(CheckpointError) as err:
@@ -315,6 +357,43 @@ def test_missing_coco_names_the_layout(tmp_path, monkeypatch):
         prepare_datasets(get_config(CONFIGS / "faster_rcnn_se_r50.yaml"))
     message = str(err.value)
     assert "DETECTRON2_DATASETS" in message and "instances_train2017.json" in message and "coco_2017_train" in message
+
+
+@pytest.mark.parametrize(
+    ("config", "opts", "expected"),
+    [
+        ("faster_rcnn_se_r50.yaml", [], "dataset 'coco_2017_train': annotation file"),
+        ("smoke/faster_rcnn_se_r50_synthetic.yaml", ["MODEL.WEIGHTS", "absent.pth"], "'absent.pth': no such file"),
+    ],
+    ids=["coco_missing", "weights_missing"],
+)
+def test_train_net_errors_are_one_line_with_many_gpus(config, opts, expected, tmp_path):
+    """Checked before the workers start: an error inside a spawned worker comes back as a traceback wall."""
+    no_data = ["DATASETS.TRAIN", "()", "DATASETS.TEST", "()"] if opts else []
+    argv = [str(REPO / "tools/train_net.py"), "--config", str(CONFIGS / config), "--num-gpus", "2", *no_data, *opts]
+    env = {**os.environ, "DETECTRON2_DATASETS": str(tmp_path)}
+    done = subprocess.run([sys.executable, *argv], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert done.stderr.startswith("error: ") and expected in done.stderr
+
+
+def _args(*argv: str):
+    return default_argument_parser().parse_args(["--config-file", str(SMOKE), *argv])
+
+
+def test_weights_are_checked_unless_a_resume_finds_a_checkpoint(tmp_path, monkeypatch):
+    opts = ["OUTPUT_DIR", str(tmp_path), "DATASETS.TRAIN", "()", "DATASETS.TEST", "()"]
+    with pytest.raises(CheckpointError, match="no such file"):
+        check(_args("--resume", *opts, "MODEL.WEIGHTS", str(tmp_path / "absent.pth")))
+    (tmp_path / "last_checkpoint").write_text("model_0000009.pth")
+    check(_args("--resume", *opts, "MODEL.WEIGHTS", str(tmp_path / "absent.pth")))  # the resume loads its own
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"x")
+    check(_args(*opts, "MODEL.WEIGHTS", str(weights)))
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # chmod does not stop root, who runs CI
+    with pytest.raises(CheckpointError, match="not readable"):
+        check(_args(*opts, "MODEL.WEIGHTS", str(weights)))
 
 
 def test_train_net_trains_evaluates_and_resumes(tiny_synthetic):

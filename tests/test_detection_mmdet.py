@@ -371,6 +371,16 @@ def test_missing_coco_is_one_clear_error(tmp_path, monkeypatch, capsys):
     assert f"{tmp_path}/coco/annotations/instances_train2017.json" in message and "train2017/" in message
 
 
+@pytest.mark.parametrize("resume", [["--resume"], ["--resume", "output/mmdet/run/iter_8.pth"]])
+def test_resume_with_checkpoint_is_refused(resume, capsys):
+    from tools.train_mmdet import parse_args
+
+    with pytest.raises(SystemExit) as exc:
+        parse_args([str(SMOKE), *resume, "--checkpoint", "other.pth"])
+    assert exc.value.code == 2
+    assert "--resume and --checkpoint name two starting points" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("blocked", "expected"),
     [

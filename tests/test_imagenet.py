@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch import Callback
 from PIL import Image
 
 from backbones import create_model
@@ -74,6 +75,48 @@ def test_a_model_with_fewer_outputs_than_classes_stops_before_training(tmp_path)
                       "--trainer.default_root_dir", str(tmp_path / "out")])  # fmt: skip
 
 
+class PreemptAtStep(Callback):
+    """Kills the run before training step `step`, as a pre-empted job would be."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError("simulated pre-emption")
+
+
+def test_config_writes_last_checkpoint_mid_epoch_and_resumes_from_it(tmp_path):
+    root = make_imagenet(tmp_path / "imagenet", per_class=4)  # 12 images in batches of 2: 6 steps per epoch
+    out = tmp_path / "out"
+    args = ["fit", "--config", str(REPO / "configs/imagenet_se_resnet50.yaml"), *TINY, "--model.num_classes", "3",
+            "--trainer.callbacks.init_args.every_n_train_steps", "4",  # the config's step-based last.ckpt, sooner
+            "--data.root", str(root), "--data.batch_size", "2", "--data.num_workers", "0",
+            "--data.crop_size", "32", "--data.resize_size", "37", "--trainer.max_epochs", "2",
+            "--trainer.accelerator", "cpu", "--trainer.precision", "32", "--trainer.enable_progress_bar", "false",
+            "--trainer.num_sanity_val_steps", "0", "--trainer.default_root_dir", str(out)]  # fmt: skip
+    with pytest.raises(RuntimeError, match="simulated pre-emption"):
+        imagenet_cli(args, trainer_defaults={"callbacks": [PreemptAtStep(5)]})
+    last = out / "checkpoints/last.ckpt"
+    assert [p.name for p in last.parent.iterdir()] == ["last.ckpt"]
+    state = torch.load(last, weights_only=True)
+    assert (state["epoch"], state["global_step"]) == (0, 4)  # 4 of the first epoch's 6 steps survive
+    cli = imagenet_cli([*args, "--ckpt_path", "last"])
+    assert cli.trainer.global_step == 12
+    assert cli.trainer.checkpoint_callback.every_n_epochs == 1  # --checkpoint stays the first, for ckpt_path=best
+    # the epoch-end and the step-based callbacks share one last.ckpt (no last-v1.ckpt beside it)
+    assert sorted(p.name for p in last.parent.iterdir()) == ["epoch001.ckpt", "last.ckpt"]
+    state = torch.load(last, weights_only=True)
+    assert (state["epoch"], state["global_step"]) == (1, 12)
+
+
+class StartingWeights(Callback):
+    """The network's weights when training starts (the pretrained file is loaded as fitting starts)."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.state = {k: v.clone() for k, v in pl_module.model.state_dict().items()}
+
+
 @pytest.mark.slow
 def test_finetune_places365_from_imagenet_trainer_checkpoint(tmp_path):
     """ImageNet trainer (Section 5.1 config, tiny model) -> last.ckpt -> the common loader -> Places365 fine-tuning."""
@@ -107,11 +150,13 @@ def test_finetune_places365_from_imagenet_trainer_checkpoint(tmp_path):
         run=False,
     )  # fmt: skip
     network = cli.model.model
+    start = StartingWeights()
+    cli.trainer.callbacks.append(start)
+    cli.trainer.fit(cli.model, cli.datamodule)
     assert network.fc.out_features == 365  # the 3-class ImageNet head was dropped, a 365-class one built
-    for key, value in network.state_dict().items():
+    for key, value in start.state.items():
         if not key.startswith("fc."):
             torch.testing.assert_close(value, trained[key], atol=0, rtol=0, msg=key)
-    cli.trainer.fit(cli.model, cli.datamodule)
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss_epoch"])
     assert not torch.equal(network.conv1.weight, trained["conv1.weight"])  # fine-tuning moved the weights
     assert (tmp_path / "ft/checkpoints/last.ckpt").is_file()

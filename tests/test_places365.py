@@ -397,3 +397,8 @@ def test_configs_follow_the_recipes(name):
         assert data["train_set"] == "challenge"  # Table 6 trains on Places365-Challenge
     if "finetune" in name:
         assert model["pretrained"].endswith("imagenet_se_resnet50/checkpoints/last.ckpt")
+    else:  # long epochs: last.ckpt every N steps as well, into the same file as the epoch-end one
+        (step,) = trainer["callbacks"]
+        assert step["init_args"]["every_n_train_steps"] == (500 if name.startswith("imagenet") else 5000)
+        assert step["init_args"]["save_last"] is True and step["init_args"]["save_top_k"] == 0
+        assert step["init_args"]["enable_version_counter"] is config["checkpoint"]["enable_version_counter"] is False

@@ -15,7 +15,6 @@ import logging
 import sys
 from typing import Any
 
-from backbones.checkpoint_files import CheckpointError
 from backbones.checkpoint_formats import SCHEMES
 from backbones.export import CHECKPOINT_FORMATS, DETECTRON2_PREFIX, convert_checkpoint
 
@@ -69,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
             preprocessing={k: v for k, v in given.items() if v is not None},
             detectron2_prefix=args.detectron2_prefix,
         )
-    except (CheckpointError, ValueError, TypeError) as e:
+    # CheckpointError is a ValueError; OSError covers an unwritable destination and an unreadable source
+    except (ValueError, TypeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.dst} ({len(report.loaded)} tensors, {report.format} names)")

@@ -38,7 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="resume training: from CKPT, or without it from the latest checkpoint in the work dir",
     )
     parser.add_argument("--eval-only", action="store_true", help="only evaluate the test set (needs --checkpoint)")
-    parser.add_argument("--checkpoint", help="detector weights to evaluate (--eval-only) or to start training from")
+    parser.add_argument(
+        "--checkpoint", help="detector weights to evaluate (--eval-only) or to start training from (not with --resume)"
+    )
     parser.add_argument(
         "--auto-scale-lr",
         action="store_true",
@@ -63,6 +65,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"config file {args.config} does not exist")
     if args.eval_only and not args.checkpoint:
         parser.error("--eval-only needs --checkpoint PATH (a detector checkpoint, e.g. WORK_DIR/epoch_24.pth)")
+    if args.resume and args.checkpoint:  # MMEngine would resume from --checkpoint, whatever --resume says
+        parser.error(
+            "--resume and --checkpoint name two starting points: --resume [CKPT] continues a run (weights, "
+            "optimizer, schedule), --checkpoint PATH starts a new one from detector weights; pass one"
+        )
     os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     return args
 

@@ -26,6 +26,7 @@ def main() -> int:
         return 2
     from backbones import CheckpointError
     from detection.data import DatasetLayoutError
+    from detection.engine import check
     from detection.engine import main as train_and_evaluate
 
     parser = default_argument_parser()
@@ -35,6 +36,7 @@ def main() -> int:
         args.config_file = str(SMOKE_CONFIG)
         print(f"no --config given: running the synthetic smoke config {SMOKE_CONFIG.relative_to(REPO)}")
     try:
+        check(args)  # here, not only in the workers: an error raised in a spawned worker is a traceback wall
         launch(
             train_and_evaluate,
             args.num_gpus,
