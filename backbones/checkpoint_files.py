@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import collections
+import hashlib
 import json
 import logging
 import os
@@ -91,7 +92,10 @@ def _fetch_url(url: str) -> Path:
     parsed = urllib.parse.urlparse(url)
     if parsed.scheme == "file":
         return Path(urllib.parse.unquote(parsed.path))
-    dst = Path(torch.hub.get_dir()) / "checkpoints" / (Path(parsed.path).name or "checkpoint")
+    # by base name alone, .../v1/model.pth and .../v2/model.pth would share one cached file
+    name = Path(parsed.path).name or "checkpoint"
+    digest = hashlib.sha256(url.encode()).hexdigest()[:12]
+    dst = Path(torch.hub.get_dir()) / "checkpoints" / f"{Path(name).stem}-{digest}{Path(name).suffix}"
     if not dst.is_file():
         log.info("downloading %s to %s", url, dst)
         try:

@@ -57,7 +57,11 @@ def _renames(*pairs: tuple[str, str]) -> tuple[tuple[re.Pattern, str], ...]:
     return tuple((re.compile(p), r) for p, r in pairs)
 
 
-_SE_FC_WEIGHT = re.compile(r"\.se(_3x3)?\.fc[12]\.weight$")
+_SE = r"\.se(_3x3)?\."  # a block's SE module: `se`, or `se_3x3` for the "3x3" placement
+_SE_KEY = re.compile(_SE)
+_SE_FC_WEIGHT = re.compile(_SE + r"fc[12]\.weight$")
+SE_FC1_WEIGHT = re.compile(_SE + r"fc1\.weight$")
+SE_FC1_BIAS = re.compile(_SE + r"fc1\.bias$")
 
 _SCHEMES: dict[str, KeyScheme] = {
     "cadene": KeyScheme(
@@ -115,8 +119,12 @@ def map_state_dict(state_dict: Mapping[str, torch.Tensor], scheme: KeyScheme) ->
     return mapped
 
 
-def has_se(state_dict: Mapping[str, torch.Tensor]) -> bool:
-    return any(".se." in k or ".se_3x3." in k for k in state_dict)
+def is_se_key(key: str) -> bool:
+    return _SE_KEY.search(key) is not None
+
+
+def has_se(keys: Iterable[str]) -> bool:
+    return any(is_se_key(k) for k in keys)
 
 
 def source_geometry(scheme: KeyScheme, state_dict: Mapping[str, torch.Tensor]) -> dict:

@@ -27,7 +27,7 @@ from torch import nn
 
 from .atomic import staged
 from .checkpoint_files import RECORD_FORMAT, read_checkpoint
-from .loader import CLASSIFIER, LoadReport, build_pretrained, model_geometry
+from .loader import CLASSIFIER, LoadReport, build_pretrained, meta_model, model_geometry
 from .registry import model_config
 
 IMAGENET_PREPROCESSING = {
@@ -37,7 +37,12 @@ IMAGENET_PREPROCESSING = {
     "input_size": [3, 224, 224],
 }
 DETECTRON2_PREFIX = "backbone.bottom_up."  # our detectron2 FPN backbone keeps our ResNet as bottom_up
-CHECKPOINT_FORMATS = ("ours", "detectron2")
+# output format -> the suffix its files must have, and why
+_OUTPUT_SUFFIXES = {
+    "ours": (".safetensors", "plus a .json record beside them"),
+    "detectron2": (".pkl", "detectron2 reads a weight file as a pickle only when its name ends in .pkl"),
+}
+CHECKPOINT_FORMATS = tuple(_OUTPUT_SUFFIXES)
 
 
 def save_checkpoint(
@@ -56,9 +61,7 @@ def save_checkpoint(
     """
     from safetensors.torch import save_file
 
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: our checkpoints are .safetensors files (plus a .json record beside them)")
+    path = _checked_path(path, "ours")
     record = checkpoint_record(model, name=name, options=options, preprocessing=preprocessing, source=source)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     metadata = {"format": "pt", "checkpoint_id": record["checkpoint_id"]}
@@ -125,9 +128,7 @@ def save_detectron2(
     prefix: str = DETECTRON2_PREFIX,
 ) -> Path:
     """Write `model` as a detectron2 .pkl (see the module docstring); returns `path`."""
-    path = Path(path)
-    if path.suffix != ".pkl":
-        raise ValueError(f"{path}: detectron2 reads its weight files as pickles only when they end in .pkl")
+    path = _checked_path(path, "detectron2")
     record = checkpoint_record(model, name=name, options=options, preprocessing=preprocessing, source=source)
     pre = record["preprocessing"]
     record.update(
@@ -168,17 +169,14 @@ def convert_checkpoint(
     `src` of ours carries over; otherwise the ImageNet RGB defaults, with `preprocessing` on top.
     """
     dst = Path(dst)
-    to = to or ("detectron2" if dst.suffix == ".pkl" else "ours")
+    to = to or next((f for f, (suffix, _) in _OUTPUT_SUFFIXES.items() if suffix == dst.suffix), "ours")
     if to not in CHECKPOINT_FORMATS:
         raise ValueError(f"unknown output format {to!r}; choose one of {', '.join(CHECKPOINT_FORMATS)}")
-    suffix = {"ours": ".safetensors", "detectron2": ".pkl"}[to]
-    if dst.suffix != suffix:  # checked before the (slow) load
-        raise ValueError(f"{dst}: a {to} checkpoint is written as a {suffix} file")
+    _checked_path(dst, to)  # before the (slow) load
     checkpoint = read_checkpoint(src, trusted=trusted)
     model, report, name, used = build_pretrained(
         arch, checkpoint, format=from_format, ema=ema, prefix=prefix, **dict(options or {})
     )
-    model.eval()
     recorded = (checkpoint.record or {}).get("preprocessing", {})
     kwargs = {
         "name": name,
@@ -193,10 +191,18 @@ def convert_checkpoint(
     return report
 
 
+def _checked_path(path: str | os.PathLike, to: str) -> Path:
+    """`path` as a Path, or a ValueError when its suffix is not the one format `to` is written with."""
+    path = Path(path)
+    suffix, why = _OUTPUT_SUFFIXES[to]
+    if path.suffix != suffix:
+        raise ValueError(f"{path}: the {to} format writes {suffix} files ({why})")
+    return path
+
+
 def _check_describes(model: nn.Module, cls: type, kwargs: dict, name: str) -> None:
     """Refuse to record options that do not build `model` (compared key by key, shape by shape, on meta)."""
-    with torch.device("meta"):
-        probe = cls(**kwargs)
+    probe = meta_model(cls, kwargs)
     want = {k: tuple(v.shape) for k, v in probe.state_dict().items()}
     have = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if want != have or model_geometry(probe) != model_geometry(model):

@@ -22,10 +22,13 @@ from torch import nn
 
 from .checkpoint_files import Checkpoint, CheckpointError, read_checkpoint
 from .checkpoint_formats import (
+    SE_FC1_BIAS,
+    SE_FC1_WEIGHT,
     KeyScheme,
     detect_scheme,
     get_scheme,
     has_se,
+    is_se_key,
     map_state_dict,
     source_geometry,
     unsupported,
@@ -186,6 +189,12 @@ def _unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+def meta_model(cls: type[nn.Module], kwargs: Mapping[str, Any]) -> nn.Module:
+    """`cls(**kwargs)` on the meta device: its key names, shapes and geometry cost no memory and no init."""
+    with torch.device("meta"):
+        return cls(**kwargs)
+
+
 def model_geometry(model: nn.Module) -> dict:
     """What a model computes that its weight shapes do not show: stride position, stem pool and SE function."""
     geometry: dict = {}
@@ -339,7 +348,7 @@ def _as_options(geometry: dict) -> dict:
 
 
 def _shape_hint(key: str, src: torch.Size, dst: torch.Size) -> str:
-    if re.search(r"\.se(_3x3)?\.fc1\.weight$", key) and src[1:] == dst[1:]:
+    if SE_FC1_WEIGHT.search(key) and src[1:] == dst[1:]:
         if src[0] % 8 == 0 and dst[0] % 8:
             return "The checkpoint rounds its SE width to a multiple of 8 (timm, mmpretrain): set se_divisor=8."
         if dst[0] % 8 == 0 and src[0] % 8:
@@ -356,7 +365,7 @@ def _key_hint(missing: list[str], unexpected: list[str], weights: Iterable[str],
     have, want = _depths(weights), _depths(model)
     if have != want:
         return f"The checkpoint has layers={have}, the model layers={want}: check the model name (or set layers)."
-    se_keys = [k for k in missing + unexpected if ".se." in k or ".se_3x3." in k]
+    se_keys = [k for k in missing + unexpected if is_se_key(k)]
     if se_keys and len(se_keys) == len(missing) + len(unexpected):
         if all(k.endswith("bias") for k in se_keys):
             return f"The checkpoint's SE layers {'have no' if missing else 'have a'} bias: set se_bias={not missing}."
@@ -417,8 +426,7 @@ def build_pretrained(
     options = dict(record["options"]) if record and record.get("model") == name and format is None else {}
     options.update(overrides)
     cls, kwargs = model_config(name, **options)
-    with torch.device("meta"):  # only key names and resolved geometry are needed: no memory, no init cost
-        probe = cls(**kwargs)
+    probe = meta_model(cls, kwargs)
     sel = select_weights(checkpoint, probe.state_dict(), format=format, ema=ema, prefix=prefix)
     derived = _options_from_weights(name, sel, model_geometry(probe), kwargs)
     options = {**options, **{k: v for k, v in derived.items() if not _overridden(k, overrides)}}
@@ -439,9 +447,9 @@ def _options_from_weights(name: str, sel: Selection, probe_geometry: dict, kwarg
     options = {k: v for k, v in _as_options(needed).items() if k in valid}
     weights = sel.state_dict
     if has_se(weights) and "se_bias" in valid:
-        options["se_bias"] = any(re.search(r"\.se(_3x3)?\.fc1\.bias$", k) for k in weights)
+        options["se_bias"] = any(SE_FC1_BIAS.search(k) for k in weights)
     if has_se(weights) and "se_divisor" in valid:
-        shapes = [v.shape for k, v in weights.items() if re.search(r"\.se(_3x3)?\.fc1\.weight$", k)]
+        shapes = [v.shape for k, v in weights.items() if SE_FC1_WEIGHT.search(k)]
         built = {**valid, **kwargs}
         for divisor in (built["se_divisor"], 1, 8):
             if all(se_hidden_channels(s[1], built["se_reduction"], divisor) == s[0] for s in shapes):

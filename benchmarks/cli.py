@@ -14,7 +14,7 @@ import torch
 from rich.console import Console
 
 from .models import MODES, Settings, run_models
-from .report import Figure, Section, model_figures, print_report, to_json, write_json, write_png
+from .report import Figure, Section, mode_stats, model_figures, print_report, to_json, write_json, write_png
 from .timing import CLOCKS, matmul_peak
 
 SECTIONS = ("models", "detection", "data")
@@ -137,8 +137,8 @@ def main(argv: list[str] | None = None) -> dict:
     for section in extra:
         figures.extend(section.figures)
 
-    title = f"Models: {header}"
-    print_report(console, results, extra, figures, batch_size=settings.batch_size, peak_gflops=peak_gflops, title=title)
+    stats = mode_stats(results, settings.batch_size, peak_gflops)
+    print_report(console, results, stats, extra, figures, title=f"Models: {header}")
     elapsed = time.perf_counter() - started
     log(f"total {elapsed:.0f} s")
     env = {k: os.environ[k] for k in THREAD_ENV if k in os.environ}
@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
             "seconds": elapsed,
         },
         results,
+        stats,
         extra,
         figures,
         peak,
@@ -160,6 +161,6 @@ def main(argv: list[str] | None = None) -> dict:
         write_json(args.json, record)
         log(f"wrote {args.json}")
     if args.png:
-        write_png(args.png, results, figures, settings.batch_size, header)
+        write_png(args.png, results, stats, figures, header)
         log(f"wrote {args.png}")
     return record

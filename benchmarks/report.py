@@ -84,6 +84,28 @@ class Section:
         }
 
 
+@dataclass(frozen=True)
+class ModeStats:
+    """One model in one mode: seconds per batch, and the throughputs derived from them (at the median)."""
+
+    seconds: Spread
+    images_per_s: float
+    gflops: float
+    percent_of_peak: float
+
+
+def mode_stats(results: dict[str, ModelResult], batch_size: int, peak_gflops: float) -> dict[str, dict[str, ModeStats]]:
+    """model key -> mode -> ModeStats, for the modes each model ran; the table, JSON and PNG all read these."""
+    stats = {}
+    for r in results.values():
+        stats[r.key] = {}
+        for mode, times in r.times.items():
+            s = Spread.of(times)
+            gflops = r.flops[mode] / s.median / 1e9
+            stats[r.key][mode] = ModeStats(s, batch_size / s.median, gflops, 100 * gflops / peak_gflops)
+    return stats
+
+
 def ratio_figure(key: str, what: str, a: list[float], b: list[float], target: float | None = None) -> Figure:
     """Time ratio a / b: the median of per-round ratios (the verdict), and the ratio of the fastest calls.
 
@@ -110,7 +132,7 @@ def _ms(s: Spread) -> tuple[str, str]:
     return f"{s.median * 1e3:.1f}", f"{s.min * 1e3:.1f}-{s.max * 1e3:.1f}"
 
 
-def model_table(results: dict[str, ModelResult], batch_size: int, peak_gflops: float, title: str) -> Table:
+def model_table(results: dict[str, ModelResult], stats: dict[str, dict[str, ModeStats]], title: str) -> Table:
     table = Table(title=title)
     table.add_column("model")
     table.add_column("params", justify="right")
@@ -123,12 +145,11 @@ def model_table(results: dict[str, ModelResult], batch_size: int, peak_gflops: f
         label = r.label if r.same_weights_as is None else f"{r.label} (= weights of {r.same_weights_as})"
         cells = [label, f"{r.params / 1e6:.2f}M"]
         for mode in MODES:
-            if mode not in r.times:
+            m = stats[r.key].get(mode)
+            if m is None:
                 cells += ["-"] * 4
                 continue
-            s = Spread.of(r.times[mode])
-            gflops = r.flops[mode] / s.median / 1e9
-            cells += [*_ms(s), f"{batch_size / s.median:.1f}", f"{gflops:.1f} ({100 * gflops / peak_gflops:.0f}%)"]
+            cells += [*_ms(m.seconds), f"{m.images_per_s:.1f}", f"{m.gflops:.1f} ({m.percent_of_peak:.0f}%)"]
         table.add_row(*cells)
     return table
 
@@ -164,15 +185,14 @@ def figure_table(figures: list[Figure]) -> Table:
 def print_report(
     console: Console,
     results: dict[str, ModelResult],
+    stats: dict[str, dict[str, ModeStats]],
     sections: list[Section],
     figures: list[Figure],
     *,
-    batch_size: int,
-    peak_gflops: float,
     title: str,
 ) -> None:
     if results:
-        console.print(model_table(results, batch_size, peak_gflops, title))
+        console.print(model_table(results, stats, title))
     for section in sections:
         if section.skipped:
             console.print(f"[yellow]{section.title}: skipped: {section.skipped}[/]")
@@ -186,6 +206,7 @@ def print_report(
 def to_json(
     settings: dict,
     results: dict[str, ModelResult],
+    stats: dict[str, dict[str, ModeStats]],
     sections: list[Section],
     figures: list[Figure],
     peak: dict,
@@ -194,14 +215,13 @@ def to_json(
     models = {}
     for r in results.values():
         entry = {"label": r.label, "params": r.params, "flops_per_batch": r.flops, "same_weights_as": r.same_weights_as}
-        for mode, times in r.times.items():
-            s = Spread.of(times)
+        for mode, m in stats[r.key].items():
             entry[mode] = {
-                **{f"{k}_s": v for k, v in s.as_dict().items()},
-                "images_per_s": settings["batch_size"] / s.median,
-                "gflops": r.flops[mode] / s.median / 1e9,
-                "percent_of_peak": 100 * r.flops[mode] / s.median / 1e9 / peak["gflops"],
-                "times_s": times,
+                **{f"{k}_s": v for k, v in m.seconds.as_dict().items()},
+                "images_per_s": m.images_per_s,
+                "gflops": m.gflops,
+                "percent_of_peak": m.percent_of_peak,
+                "times_s": r.times[mode],
             }
         models[r.key] = entry
     return {
@@ -224,7 +244,11 @@ def write_json(path: Path, record: dict) -> None:
 
 
 def write_png(
-    path: Path, results: dict[str, ModelResult], figures: list[Figure], batch_size: int, title: str = ""
+    path: Path,
+    results: dict[str, ModelResult],
+    stats: dict[str, dict[str, ModeStats]],
+    figures: list[Figure],
+    title: str = "",
 ) -> None:
     """Two panels: images/s of every model in each mode, and every time ratio with its target."""
     import matplotlib
@@ -236,7 +260,7 @@ def write_png(
     labels = [r.label for r in results.values()]
     width = 0.4
     for i, mode in enumerate(MODES):
-        values = [batch_size / Spread.of(r.times[mode]).median if mode in r.times else 0.0 for r in results.values()]
+        values = [stats[r.key][mode].images_per_s if mode in stats[r.key] else 0.0 for r in results.values()]
         left.barh([y + (i - 0.5) * width for y in range(len(labels))], values, height=width, label=mode)
     left.set_yticks(range(len(labels)), labels)
     left.invert_yaxis()

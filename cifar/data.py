@@ -82,6 +82,8 @@ class EpochRandomSampler(RandomSampler):
 class CIFARDataModule(LightningDataModule):
     """CIFAR-10 or CIFAR-100 for `ClassificationModule`; batches are (images float (B, 3, 32, 32), labels (B,)).
 
+    `batch_size` is per device (B above), as in the CIFAR configs' 128 on one GPU.
+
     Args:
         dataset: "cifar10" or "cifar100".
         root: folder holding `cifar-10-batches-py/` or `cifar-100-python/` (or that folder itself).
@@ -89,7 +91,9 @@ class CIFARDataModule(LightningDataModule):
             downloader, which checks the archive's MD5). Off by default: nothing is downloaded unless asked.
         verify_md5: check every file against the official MD5 before reading it.
         synthetic: ignore `root` and train on `make_synthetic` images (`synthetic_train` + `synthetic_val`).
-        batch_size: per device (DDP: the global batch is batch_size x devices).
+        batch_size: training images PER DEVICE, not global: each DDP process loads batch_size, so one
+            optimiser step sees batch_size x devices (Places365 and ImageNet take the global batch instead).
+        eval_batch_size: the same, per device, for validation and test.
         augment: "albumentations", "batched" or "none" (see the module docstring).
         seed: seeds the shuffling and the augmentation.
     """

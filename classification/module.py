@@ -19,7 +19,9 @@ Usage (LightningCLI YAML, `model:` section): the same keyword arguments, e.g.
 Logged metrics (names are the contract the CLI callbacks and the other trainers rely on):
   train/loss (step and epoch), train/top1_error (epoch, %, on augmented batches), train/lr (step),
   val/loss, val/top1_error, val/top5_error (%), and the same under test/.
-A non-finite training loss raises `NonFiniteLossError` before any optimiser step or checkpoint can use it.
+A non-finite training loss raises `NonFiniteLossError` before any checkpoint or validation can use it: each
+step only records it on the device, and the record is read back (one all-reduce) every `finite_check_every`
+batches, before each checkpoint save and validation, and at the end of every epoch.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ from backbones import create_model, load_pretrained
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or inf; the run stops before the bad step reaches a checkpoint."""
+
+
+_NO_BAD_BATCH = torch.iinfo(torch.int64).max
 
 
 @dataclass
@@ -108,6 +113,9 @@ class ClassificationModule(LightningModule):
             starting at `warmup_factor` x lr.
     """
 
+    # batches between read-backs of the non-finite-loss record (each waits for the device and all-reduces)
+    finite_check_every: int = 50
+
     def __init__(
         self,
         model: str | nn.Module = "cifar_resnet110",
@@ -148,6 +156,10 @@ class ClassificationModule(LightningModule):
         # not loaded here: load_from_checkpoint and a resumed fit also build the module from these
         # hyperparameters, and the file may be gone by then (the checkpoint's weights replace it anyway)
         self._pretrained_pending = pretrained is not None
+        # during fit: the device-side record of the first non-finite loss since the last check (2 x index + isinf,
+        # _NO_BAD_BATCH if none), and (epoch, batch, global step) of each batch since then, by index
+        self._first_bad: torch.Tensor | None = None
+        self._unchecked: list[tuple[int, int, int]] = []
         top5 = min(5, num_classes)
         self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
@@ -171,12 +183,17 @@ class ClassificationModule(LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._pretrained_pending = False
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # called while the checkpoint dict is built, before any file is written
+        self._raise_if_nonfinite()
+
     # Lightning restores a checkpoint after `setup` and before these hooks; only strategies that restore after
     # their own setup (FSDP, DeepSpeed) call on_fit_start first: the file is then read, and overwritten
     def on_fit_start(self) -> None:
         self.load_pretrained_weights()
 
     def on_validation_start(self) -> None:
+        self._raise_if_nonfinite()  # validation during fit would score a diverged network
         self.load_pretrained_weights()
 
     def on_test_start(self) -> None:
@@ -209,15 +226,47 @@ class ClassificationModule(LightningModule):
         return loss
 
     def _check_finite(self, loss: torch.Tensor, batch_idx: int) -> None:
-        bad = not bool(torch.isfinite(loss.detach()))
-        # every rank must stop together, or the others would wait forever in the next all-reduce
-        if self.trainer.strategy.reduce_boolean_decision(bad, all=False):
-            raise NonFiniteLossError(
-                f"training loss is {loss.item()} at epoch {self.current_epoch}, batch {batch_idx} "
-                f"(global step {self.global_step}); stopping before this step is applied or checkpointed. "
-                "last.ckpt still holds the last good epoch and resumes with --ckpt_path last; if the loss "
-                "diverges again, restart with a lower lr, a longer warm-up or 32-bit precision."
-            )
+        """Record a non-finite loss on the device; reading it back here would stall every step."""
+        if self._first_bad is None:
+            return  # not fitting (e.g. a training_step called by hand)
+        loss = loss.detach()
+        code = torch.where(torch.isfinite(loss), _NO_BAD_BATCH, torch.isinf(loss).long() + 2 * len(self._unchecked))
+        self._first_bad = torch.minimum(self._first_bad, code)
+        self._unchecked.append((self.current_epoch, batch_idx, self.global_step))
+
+    def _raise_if_nonfinite(self) -> None:
+        """Read the record back: raise NonFiniteLossError on every rank if any rank saw a non-finite loss."""
+        if self._first_bad is None or not self._unchecked:
+            return
+        # one collective on every rank at the same batch: they stop together, none waits in a later all-reduce
+        code = int(self.trainer.strategy.reduce(self._first_bad.clone(), reduce_op="min"))
+        unchecked, self._unchecked = self._unchecked, []
+        if code == _NO_BAD_BATCH:
+            return
+        self._first_bad = None  # this fit is over: a later validate or test of the module checks nothing
+        epoch, batch_idx, step = unchecked[code // 2]
+        raise NonFiniteLossError(
+            f"training loss is {'inf' if code % 2 else 'nan'} at epoch {epoch}, batch {batch_idx} (global step "
+            f"{step}; found at step {self.global_step}, checks run every {self.finite_check_every} batches and "
+            "before each checkpoint and validation); stopping before any checkpoint holds it. last.ckpt still "
+            "holds the last good save and resumes with --ckpt_path last; if the loss diverges again, restart "
+            "with a lower lr, a longer warm-up or 32-bit precision."
+        )
+
+    def on_train_start(self) -> None:
+        self._first_bad = torch.full((), _NO_BAD_BATCH, dtype=torch.int64, device=self.device)
+        self._unchecked = []
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if len(self._unchecked) >= self.finite_check_every:
+            self._raise_if_nonfinite()
+
+    def on_train_epoch_end(self) -> None:
+        self._raise_if_nonfinite()
+
+    def on_train_end(self) -> None:
+        self._raise_if_nonfinite()
+        self._first_bad = None
 
     def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
         images, target = batch

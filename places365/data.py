@@ -27,13 +27,15 @@ log = logging.getLogger(__name__)
 class ImageClassificationDataModule(LightningDataModule):
     """Base of the large-scale image DataModules. Batches: (images (B, 3, S, S), labels (B,)); with
     `ten_crop`, evaluation images are (B, 10, 3, S, S). The loaders yield uint8 images; they are normalised
-    to float32 on the device, after the transfer (`on_after_batch_transfer`).
+    to float32 on the device, after the transfer (`on_after_batch_transfer`). `batch_size` is the global
+    batch; B above is its per-device share, batch_size / world_size.
 
     Args:
         root: the release folder.
-        batch_size: the global minibatch of one optimiser step, all devices together (the paper's figure);
-            each of the trainer's world_size processes loads batch_size / world_size.
-        eval_batch_size: the same for validation and test (default: batch_size; lower it for ten-crop).
+        batch_size: GLOBAL, not per device: the minibatch of one optimiser step, all devices together (the
+            paper's figure); each of the trainer's world_size processes loads batch_size / world_size (CIFAR
+            takes the per-device batch instead).
+        eval_batch_size: the same, global, for validation and test (default: batch_size; lower it for ten-crop).
         num_workers: DataLoader worker processes per device.
         crop_size: training crop and evaluation centre crop (224).
         resize_size: evaluation shorter side before the centre crop (256).
@@ -60,12 +62,16 @@ class ImageClassificationDataModule(LightningDataModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.root = root
         self.train_set: ImageSampleDataset | None = None
         self.val_set: ImageSampleDataset | None = None
         self.list_skipped = Skipped()  # bad list lines dropped while reading (skip_bad_samples only)
         self.bad_counts: Counter[str] = Counter()  # per stage, since the last report
         self.bad_examples: dict[str, list[str]] = {}
+
+    @property
+    def root(self) -> str:
+        """The release folder (`--data.root`)."""
+        return self.hparams.root
 
     # --- what subclasses provide ---------------------------------------------------------------------
     num_classes: int

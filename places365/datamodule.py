@@ -64,23 +64,20 @@ class Places365DataModule(ImageClassificationDataModule):
     ):
         # the loader, batch and augmentation options are the base class's (LightningCLI resolves **kwargs)
         super().__init__(root, **kwargs)
-        self.train_set_name = train_set
-        self.resolution = resolution
-        self.layout = layout
-        self.categories_file = categories_file
-        self.synthetic = synthetic
         if synthetic is not None:  # plain types only: checkpoints must load with weights_only=True
             self.hparams["synthetic"] = asdict(synthetic)
 
     def prepare_data(self) -> None:
-        if self.synthetic is not None and not (Path(self.root) / "places365_train_standard.txt").is_file():
+        spec = self.hparams.synthetic
+        if spec is not None and not (Path(self.root) / "places365_train_standard.txt").is_file():
             log.info("writing the synthetic Places365 release to %s", self.root)
-            make_synthetic_places365(self.root, self.synthetic)
+            make_synthetic_places365(self.root, SyntheticPlaces365(**spec))
 
     @cached_property
     def class_names(self) -> list[str]:
         """The 365 category names by class id, as the categories file writes them (`/a/airfield`)."""
-        path = Path(self.categories_file) if self.categories_file else Path(self.root) / CATEGORIES_FILE
+        categories = self.hparams.categories_file
+        path = Path(categories) if categories else Path(self.root) / CATEGORIES_FILE
         if not path.is_file():
             raise DataError(f"{path} not found: pass the devkit's {CATEGORIES_FILE} with --data.categories_file")
         return read_categories(path, NUM_CLASSES)
@@ -96,7 +93,7 @@ class Places365DataModule(ImageClassificationDataModule):
         if self._layout() == "easyformat":
             ids = folder_class_ids(self.class_names)
             return scan_class_folders(root / split, ids, what="Places365 class folder")
-        name = f"places365_train_{self.train_set_name}.txt" if split == "train" else "places365_val.txt"
+        name = f"places365_train_{self.hparams.train_set}.txt" if split == "train" else "places365_val.txt"
         return read_image_list(
             root / name,
             self._image_dir(split),
@@ -106,8 +103,8 @@ class Places365DataModule(ImageClassificationDataModule):
         )
 
     def _layout(self) -> str:
-        if self.layout != "auto":
-            return self.layout
+        if self.hparams.layout != "auto":
+            return self.hparams.layout
         root = Path(self.root)
         if any(root.glob("places365_*.txt")):
             return "lists"
@@ -121,11 +118,12 @@ class Places365DataModule(ImageClassificationDataModule):
     def _image_dir(self, split: str) -> Path:
         """The image folder of `split`, trying the official name and torchvision's renamed one."""
         root = Path(self.root)
-        resolutions = RESOLUTIONS if self.resolution == "auto" else (self.resolution,)
+        resolution = self.hparams.resolution
+        resolutions = RESOLUTIONS if resolution == "auto" else (resolution,)
         candidates = []
         for res in resolutions:
             if split == "train":
-                candidates += [f"data_{res}_{self.train_set_name}", f"data_{res}"]
+                candidates += [f"data_{res}_{self.hparams.train_set}", f"data_{res}"]
             else:
                 candidates.append(f"val_{res}")
         for name in candidates:

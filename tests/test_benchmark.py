@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
 from torch import nn
 
-from benchmarks.models import COMPARISONS, Settings, run_models
-from benchmarks.report import Figure, ratio_figure
+from benchmarks.models import COMPARISONS, ModelResult, Settings, run_models
+from benchmarks.report import Figure, mode_stats, model_table, ratio_figure, to_json
 from benchmarks.timing import Spread, count_flops, interleave, paired_ratio
 
 REPO = Path(__file__).resolve().parents[1]
@@ -181,3 +182,26 @@ def test_figure_verdicts():
     assert Figure("t", "", Spread(4000.0, 3000.0, 6000.0), 5000.0, at_least=True).verdict == "MISS"
     assert Figure("t", "", Spread(6000.0, 5000.0, 7000.0), 5000.0, at_least=True).verdict == "PASS"
     assert Figure("x", "", Spread(3.0, 3.0, 3.0)).verdict == ""
+
+
+def test_table_and_json_show_the_same_model_stats():
+    result = ModelResult("a", "A", params=10, flops={"infer": 2_000_000_000}, times={"infer": [0.5, 0.25, 1.0]})
+    stats = mode_stats({"a": result}, batch_size=8, peak_gflops=16.0)
+    m = stats["a"]["infer"]  # train did not run: no entry
+    assert (m.seconds, m.images_per_s, m.gflops, m.percent_of_peak) == (Spread(0.5, 0.25, 1.0), 16.0, 4.0, 25.0)
+    entry = to_json({}, {"a": result}, stats, [], [], {"gflops": 16.0})["models"]["a"]
+    assert entry["infer"] == {
+        "median_s": 0.5,
+        "min_s": 0.25,
+        "max_s": 1.0,
+        "images_per_s": 16.0,
+        "gflops": 4.0,
+        "percent_of_peak": 25.0,
+        "times_s": [0.5, 0.25, 1.0],
+    }
+    assert "train" not in entry
+    console = Console(width=200, record=True)
+    console.print(model_table({"a": result}, stats, "t"))
+    row = next(line for line in console.export_text().splitlines() if line.strip("│ ").startswith("A "))
+    cells = [c.strip() for c in row.strip("│").split("│")]
+    assert cells == ["A", "0.00M", "500.0", "250.0-1000.0", "16.0", "4.0 (25%)", "-", "-", "-", "-"]

@@ -327,3 +327,11 @@ def test_dataloader_workers_draw_different_augmentations(tmp_path):
     dm.train_set.images = np.broadcast_to(coords, (64, 32, 32, 3))
     first, second = (decode(images) for images, _ in dm.train_dataloader())  # one batch from each worker
     assert not all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+def test_help_says_batch_size_is_per_device(capsys):
+    # Places365 and ImageNet take the global batch under the same flag: the help must say which
+    with pytest.raises(SystemExit):
+        run_cli(CIFARDataModule, args=["fit", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--data.batch_size BATCH_SIZE training images PER DEVICE, not global" in text

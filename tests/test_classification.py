@@ -185,6 +185,44 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert t.global_step == 8
 
 
+def test_non_finite_loss_never_reaches_a_step_checkpoint(tmp_path):
+    # the periodic read-back is far away and there is no validation: only the save itself can catch it
+    data = TensorData(*random_images(), batch_size=8)
+    ckpt_dir = tmp_path / "checkpoints"
+    checkpoint = cli_module.ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=1)
+    trainer = quiet_trainer(
+        tmp_path, max_epochs=2, limit_val_batches=0, callbacks=[checkpoint, PoisonBatch(epoch=0, batch=2)]
+    )
+    module = ClassificationModule("cifar_resnet110", model_options=TINY, num_classes=4)
+    module.finite_check_every = 1000
+    with pytest.raises(NonFiniteLossError, match=r"training loss is nan at epoch 0, batch 2 \(global step 2;"):
+        trainer.fit(module, datamodule=data)
+    state = torch.load(ckpt_dir / "last.ckpt", weights_only=True)
+    assert state["global_step"] == 2  # saved after the last good step
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+
+
+def test_finite_check_reads_back_every_n_batches(tmp_path):
+    """The loss is not read back at every step (that would stall the host on the device each time)."""
+    module = ClassificationModule("cifar_resnet110", model_options=TINY, num_classes=4)
+    module.finite_check_every = 3
+    trainer = quiet_trainer(tmp_path, max_epochs=2, limit_val_batches=0, enable_checkpointing=False)
+    reduce, reads = trainer.strategy.reduce, []
+
+    def counting_reduce(tensor, *args, **kwargs):
+        if kwargs.get("reduce_op") == "min":  # Lightning's own reductions are sums and means
+            reads.append(trainer.global_step)
+        return reduce(tensor, *args, **kwargs)
+
+    trainer.strategy.reduce = counting_reduce
+    trainer.fit(module, datamodule=TensorData(*random_images(16), batch_size=2))  # 8 batches an epoch
+    assert reads == [3, 6, 8, 11, 14, 16]  # every 3 batches, and at each epoch end
+
+    trainer = quiet_trainer(tmp_path, max_epochs=1, limit_val_batches=0, callbacks=[PoisonBatch(epoch=0, batch=4)])
+    with pytest.raises(NonFiniteLossError, match=r"at epoch 0, batch 4 \(global step 4; found at step 6,"):
+        trainer.fit(module, datamodule=TensorData(*random_images(16), batch_size=2))
+
+
 def test_resume_and_load_from_checkpoint_do_not_need_the_pretrained_file(tmp_path):
     source = create_model("cifar_resnet110", num_classes=4, **TINY)
     weights = tmp_path / "pretrained.pth"

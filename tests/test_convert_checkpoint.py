@@ -111,3 +111,17 @@ def test_set_parses_literals_and_strings():
     tool = load_tool()
     args = tool.parse_args(["a", "b", "--set", "layers=(1,1,1,1)", "--set", "style=caffe", "--set", "se_bias=False"])
     assert dict(args.options) == {"layers": (1, 1, 1, 1), "style": "caffe", "se_bias": False}
+
+
+@pytest.mark.parametrize(
+    ("dst", "to", "expected"),
+    [("y.pth", None, "the ours format writes .safetensors"), ("y.pkl", "ours", "the ours format writes .safetensors"),
+     ("y.safetensors", "detectron2", "the detectron2 format writes .pkl")],
+)  # fmt: skip
+def test_destination_suffix_is_checked_before_reading_the_source(tmp_path, capsys, dst, to, expected):
+    """A DST that the output format would not write is refused at once, before the (slow) load of SRC."""
+    tool = load_tool()
+    argv = [str(tmp_path / "missing.pth"), str(tmp_path / dst), "--arch", "se_resnet50"] + (["--to", to] if to else [])
+    assert tool.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / dst}: {expected}") and err.count("\n") == 1

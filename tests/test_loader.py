@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import http.server
 import io
 import json
 import os
 import pickle
+import threading
 import zipfile
 from pathlib import Path
 
@@ -616,6 +619,35 @@ def test_url_source_is_fetched_only_when_given(tmp_path, monkeypatch):
     ours = create_model("resnet18", layers=TINY)
     load_pretrained(ours, (tmp_path / "r18.pth").as_uri())
     assert max_diff(ref, ours) == 0
+
+
+def test_urls_sharing_a_base_name_are_cached_apart(tmp_path, monkeypatch):
+    """Two releases served as .../v1/r18.pth and .../v2/r18.pth: each URL loads its own weights, also from cache."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+    refs = {}
+    for seed, release in enumerate(("v1", "v2")):
+        refs[release] = randomize(create_model("resnet18", layers=TINY), seed=seed)
+        (tmp_path / "www" / release).mkdir(parents=True)
+        torch.save(refs[release].state_dict(), tmp_path / "www" / release / "r18.pth")
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(Quiet, directory=str(tmp_path / "www"))
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        try:
+            for _ in range(2):  # the second round reads the cached files
+                for release, ref in refs.items():
+                    ours = create_model("resnet18", layers=TINY)
+                    load_pretrained(ours, f"{base}/{release}/r18.pth")
+                    assert max_diff(ref, ours) == 0, release
+        finally:
+            server.shutdown()
+    cached = sorted(p.name for p in (Path(torch.hub.get_dir()) / "checkpoints").iterdir())
+    assert len(cached) == 2 and all(n.startswith("r18-") and n.endswith(".pth") for n in cached)
 
 
 # -------------------------------------------------------------------------------------------- our own format

@@ -402,3 +402,12 @@ def test_configs_follow_the_recipes(name):
         assert step["init_args"]["every_n_train_steps"] == (500 if name.startswith("imagenet") else 5000)
         assert step["init_args"]["save_last"] is True and step["init_args"]["save_top_k"] == 0
         assert step["init_args"]["enable_version_counter"] is config["checkpoint"]["enable_version_counter"] is False
+
+
+@pytest.mark.parametrize("cli", [places365_cli, imagenet_cli])
+def test_help_says_batch_size_is_global(cli, capsys):
+    # CIFAR takes the per-device batch under the same flag: the help must say which
+    with pytest.raises(SystemExit):
+        cli(["fit", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--data.batch_size BATCH_SIZE GLOBAL, not per device" in text

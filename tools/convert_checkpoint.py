@@ -15,7 +15,7 @@ import logging
 import sys
 from typing import Any
 
-from backbones.checkpoint_formats import SCHEMES
+from backbones.checkpoint_formats import SCHEMES, SCHEMES_DOC
 from backbones.export import CHECKPOINT_FORMATS, DETECTRON2_PREFIX, convert_checkpoint
 
 
@@ -35,7 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("src", help="checkpoint file or URL (.pth/.pt/.bin/.ckpt/.tar, .safetensors, .pkl)")
     p.add_argument("dst", help="output: NAME.safetensors (ours, + NAME.json) or NAME.pkl (detectron2)")
     p.add_argument("--arch", help="registered model name (default: the one recorded in our own checkpoints)")
-    p.add_argument("--from", dest="from_format", choices=SCHEMES, help="key scheme of SRC (default: detected)")
+    schemes = "; ".join(f"{name}: {doc}" for name, doc in SCHEMES_DOC.items())
+    p.add_argument("--from", dest="from_format", choices=SCHEMES, metavar="SCHEME",
+                   help=f"key scheme of SRC (default: detected). {schemes}")  # fmt: skip
     p.add_argument("--to", choices=CHECKPOINT_FORMATS, help="output format (default: from the DST suffix)")
     p.add_argument("--trusted", action="store_true", help="allow arbitrary unpickling: only for trusted files")
     p.add_argument("--ema", action="store_true", help="take the EMA weights (state_dict_ema, model_ema, ...)")
