@@ -19,8 +19,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset
 
+from classification.loaders import EpochRandomSampler, ResumableDataLoader
 from classification.workers import seed_worker
 
 from .files import SPECS, load_class_names, load_split
@@ -60,23 +61,6 @@ class CIFARImages(Dataset):
         if self.transform is None:
             return self.images[i], self.labels[i], i
         return self.transform(image=self.images[i])["image"], self.labels[i]
-
-
-class EpochRandomSampler(RandomSampler):
-    """Random order that depends only on (seed, epoch): Lightning calls `set_epoch`, so a resumed run
-    replays the same order. Under DDP Lightning swaps it for a DistributedSampler (also seeded by epoch)."""
-
-    def __init__(self, data_source: Dataset, seed: int = 0):
-        super().__init__(data_source)
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
 
 
 class CIFARDataModule(LightningDataModule):
@@ -163,7 +147,7 @@ class CIFARDataModule(LightningDataModule):
     def _loader(self, dataset: CIFARImages, train: bool) -> DataLoader:
         hp = self.hparams
         workers = hp.num_workers
-        return DataLoader(
+        return (ResumableDataLoader if train else DataLoader)(
             dataset,
             batch_size=hp.batch_size if train else hp.eval_batch_size,
             sampler=EpochRandomSampler(dataset, hp.seed) if train else None,

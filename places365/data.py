@@ -15,6 +15,7 @@ from lightning.pytorch import Callback, LightningDataModule, LightningModule, Tr
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
+from classification.loaders import EpochRandomSampler, ResumableDataLoader
 from classification.workers import seed_worker
 
 from .dataset import ImageSampleDataset
@@ -112,10 +113,11 @@ class ImageClassificationDataModule(LightningDataModule):
 
     def _loader(self, dataset: ImageSampleDataset, batch_size: int, train: bool) -> DataLoader:
         workers = self.hparams.num_workers
-        return DataLoader(
+        return (ResumableDataLoader if train else DataLoader)(
             dataset,
             batch_size=self.per_device(batch_size),
-            shuffle=train,
+            # seeded like the transform in setup (seed_everything's seed): a resumed run replays the order
+            sampler=EpochRandomSampler(dataset, torch.initial_seed() % 2**32) if train else None,
             drop_last=train,  # a last batch of one image would break BatchNorm
             num_workers=workers,
             worker_init_fn=seed_worker if workers > 0 else None,

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import classification.cli as cli_module
 from backbones import create_model
 from classification.cli import AtomicCheckpointIO, ClassificationCLI, TrainingCurves
+from classification.loaders import EpochRandomSampler, ResumableDataLoader
 from classification.module import ClassificationModule, LrSchedule, NonFiniteLossError, param_groups
 
 TINY = {"depth_per_stage": 1, "widths": (8, 16, 32), "stem_width": 8}
@@ -321,3 +322,34 @@ def test_fit_ending_mid_epoch_validates_the_final_weights(tmp_path, capsys):
     assert "ended at step 3, after the last validation" in out and "validation error: top-1" in out
     assert "final validation error" not in out  # the epoch-1 validation is stale, so not reported as final
     assert (tmp_path / "curves.png").is_file()
+
+
+def test_resumable_loader_continues_the_epoch_of_its_state():
+    data = TensorDataset(torch.arange(12))
+
+    def loader(workers: int = 0) -> ResumableDataLoader:
+        sampler = EpochRandomSampler(data, seed=3)
+        return ResumableDataLoader(data, batch_size=2, sampler=sampler, num_workers=workers)
+
+    def resume(state: dict, epoch: int) -> list[list[int]]:
+        # Lightning's order: a new loader, its state, iter(), set_epoch, then the batches; workers start in iter()
+        resumed = loader(workers=2)
+        resumed.load_state_dict(state)
+        batches = iter(resumed)
+        resumed.sampler.set_epoch(epoch)
+        return [b.tolist() for (b,) in batches]
+
+    straight = loader()
+    epochs = []
+    for epoch in range(2):
+        straight.sampler.set_epoch(epoch)
+        epochs.append([b.tolist() for (b,) in straight])
+    assert straight.state_dict() == {"epoch": 1, "batches": 6} and epochs[0] != epochs[1]
+    interrupted = loader()
+    interrupted.sampler.set_epoch(1)
+    batches = iter(interrupted)
+    next(batches), next(batches)
+    assert interrupted.state_dict() == {"epoch": 1, "batches": 2}
+    assert resume(interrupted.state_dict(), epoch=1) == epochs[1][2:]
+    # a checkpoint written at an epoch's end resumes in the next epoch, which starts from its beginning
+    assert resume({"epoch": 0, "batches": 6}, epoch=1) == epochs[1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from backbones import create_model
 from backbones.loader import load_pretrained
 from places365 import DataError, ImageNetDataModule, SyntheticPlaces365, make_synthetic_places365
 from places365.cli import imagenet_cli, places365_cli
+from places365.dataset import ImageSampleDataset
 
 REPO = Path(__file__).resolve().parents[1]
 # created out of sorted order: the class ids must still follow the sorted WordNet ids
@@ -108,6 +110,38 @@ def test_config_writes_last_checkpoint_mid_epoch_and_resumes_from_it(tmp_path):
     assert sorted(p.name for p in last.parent.iterdir()) == ["epoch001.ckpt", "last.ckpt"]
     state = torch.load(last, weights_only=True)
     assert (state["epoch"], state["global_step"]) == (1, 12)
+
+
+def test_a_run_resumed_mid_epoch_trains_on_the_rest_of_the_epoch(tmp_path, monkeypatch):
+    """The resumed epoch continues the interrupted order: no sample twice, none left out."""
+    loaded = []  # train sample indices in the order they are loaded (no workers, no validation)
+    getitem = ImageSampleDataset.__getitem__
+    monkeypatch.setattr(ImageSampleDataset, "__getitem__", lambda self, i: loaded.append(i) or getitem(self, i))
+    root = make_imagenet(tmp_path / "imagenet", per_class=4)  # 12 images in batches of 2: 6 steps per epoch
+
+    def fit(out: Path, *args: str, **kwargs) -> list[int]:
+        loaded.clear()
+        imagenet_cli(["fit", "--config", str(REPO / "configs/imagenet_se_resnet50.yaml"), *TINY,
+                      "--model.num_classes", "3", "--trainer.callbacks.init_args.every_n_train_steps", "4",
+                      "--data.root", str(root), "--data.batch_size", "2", "--data.num_workers", "0",
+                      "--data.crop_size", "32", "--data.resize_size", "37", "--trainer.max_epochs", "2",
+                      "--trainer.accelerator", "cpu", "--trainer.precision", "32", "--trainer.logger", "false",
+                      "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0",
+                      "--trainer.default_root_dir", str(out), *args], **kwargs)  # fmt: skip
+        return list(loaded)
+
+    straight = fit(tmp_path / "straight")
+    assert sorted(straight[:12]) == sorted(straight[12:]) == list(range(12)) and straight[:12] != straight[12:]
+    # last.ckpt at step 4 (epoch 0, 8 samples in) and at step 8 (epoch 1, 4 samples in)
+    for preempt, seen in ((5, 8), (9, 16)):
+        out = tmp_path / f"preempted_at_{preempt}"
+        with pytest.raises(RuntimeError, match="simulated pre-emption"):
+            fit(out, trainer_defaults={"callbacks": [PreemptAtStep(preempt)]})
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            resumed = fit(out, "--ckpt_path", "last")
+        assert resumed == straight[seen:]
+        assert not [w for w in caught if "not resumable" in str(w.message)]
 
 
 class StartingWeights(Callback):
