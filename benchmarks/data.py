@@ -7,8 +7,8 @@ uint8, the batch is augmented at once), and torchvision's classic `RandomCrop(32
 images (what `torchvision.datasets.CIFAR10` feeds it).
 
 Places365: generated JPEGs on disk, read + decoded + random-resized-cropped to 224 + flipped + normalised:
-ours (`places365.transforms`: OpenCV decode, albumentations) against torchvision's (PIL decode,
-`places365.transforms.torchvision_train_transform`), on the same files.
+ours (`classification.transforms`: OpenCV decode, albumentations) against torchvision's (PIL decode,
+`classification.transforms.torchvision_train_transform`), on the same files.
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def _write_jpegs(folder: Path, count: int, size: tuple[int, int]) -> list[Path]:
 def places365_section(settings: Settings, scale: float, log: Callable[[str], None] = print) -> Section:
     section = Section("Data: Places365 read + decode + augment (RandomResizedCrop 224, flip), one worker (1 thread)")
     try:
-        from places365.transforms import (
+        from classification.transforms import (
             build_train_transform,
             read_image,
             read_image_pil,

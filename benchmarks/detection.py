@@ -17,7 +17,10 @@ from .report import Row, Section, ratio_figure
 from .timing import CLOCKS, Spread, interleave, synchronizer
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = {"SE-R50-FPN": REPO / "configs/faster_rcnn_se_r50.yaml", "R50-FPN": REPO / "configs/faster_rcnn_r50.yaml"}
+CONFIGS = {
+    "SE-R50-FPN": REPO / "configs/detectron2/faster_rcnn_se_r50.yaml",
+    "R50-FPN": REPO / "configs/detectron2/faster_rcnn_r50.yaml",
+}
 TARGET = 1.05  # SE-R50-FPN / R50-FPN inference time, at most
 # the self-test keeps the box head small; the real sets use the configs' test-time proposal counts
 TINY_OPTS = ("MODEL.RPN.PRE_NMS_TOPK_TEST", "100", "MODEL.RPN.POST_NMS_TOPK_TEST", "20")
@@ -44,7 +47,7 @@ def run_detection(settings: Settings, log: Callable[[str], None] = print) -> Sec
     if missing:
         section.skipped = f"config(s) not found: {', '.join(missing)}"
         return section
-    from detection import build_model_from_config
+    from detection.detectron2 import build_model_from_config
 
     opts = TINY_OPTS if settings.tiny else ()
     models = {}

@@ -9,7 +9,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from backbones.atomic import atomic_write
+from backbones.fileio.atomic import atomic_write
 
 from .models import COMPARISONS, MODES, ModelResult
 from .timing import Spread, paired_ratio

@@ -18,11 +18,9 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from classification.loaders import EpochRandomSampler, ResumableDataLoader
-from classification.workers import seed_worker
+from classification.loaders import ClassificationDataModule, augment_seed, data_seed
 
 from .files import SPECS, load_class_names, load_split
 from .synthetic import make_synthetic
@@ -63,23 +61,18 @@ class CIFARImages(Dataset):
         return self.transform(image=self.images[i])["image"], self.labels[i]
 
 
-class CIFARDataModule(LightningDataModule):
-    """CIFAR-10 or CIFAR-100 for `ClassificationModule`; batches are (images float (B, 3, 32, 32), labels (B,)).
+class CIFARDataModule(ClassificationDataModule):
+    """CIFAR-10 or CIFAR-100 for `ClassificationModule`; batches are (images float (B, 3, 32, 32), labels (B,)),
+    B = batch_size per device.
 
-    `batch_size` is per device (B above), as in the CIFAR configs' 128 on one GPU.
-
-    Args:
+    Args (besides the loader options of ClassificationDataModule):
         dataset: "cifar10" or "cifar100".
         root: folder holding `cifar-10-batches-py/` or `cifar-100-python/` (or that folder itself).
         download: fetch and extract the official archive into `root` if it is missing (torchvision's
             downloader, which checks the archive's MD5). Off by default: nothing is downloaded unless asked.
         verify_md5: check every file against the official MD5 before reading it.
         synthetic: ignore `root` and train on `make_synthetic` images (`synthetic_train` + `synthetic_val`).
-        batch_size: training images PER DEVICE, not global: each DDP process loads batch_size, so one
-            optimiser step sees batch_size x devices (Places365 and ImageNet take the global batch instead).
-        eval_batch_size: the same, per device, for validation and test.
         augment: "albumentations", "batched" or "none" (see the module docstring).
-        seed: seeds the shuffling and the augmentation.
     """
 
     def __init__(
@@ -91,21 +84,15 @@ class CIFARDataModule(LightningDataModule):
         synthetic: bool = False,
         synthetic_train: int = 5000,
         synthetic_val: int = 1000,
-        batch_size: int = 128,
-        eval_batch_size: int = 500,
-        num_workers: int = 4,
         augment: Literal["albumentations", "batched", "none"] = "albumentations",
-        seed: int = 0,
+        **kwargs,
     ):
-        super().__init__()
+        # the loader options are the base class's (LightningCLI resolves **kwargs)
+        super().__init__(**kwargs)
         if dataset not in SPECS:
             raise ValueError(f"dataset={dataset!r} is not one of {sorted(SPECS)}")
-        self.save_hyperparameters()
         self.spec = SPECS[dataset]
-        mean, std = STATS[dataset]
-        self.batch_augment = BatchAugment(mean, std, seed=seed)
-        self.train_set: CIFARImages | None = None
-        self.test_set: CIFARImages | None = None
+        self.batch_augment: BatchAugment | None = None
         self.class_names: list[str] | None = None
 
     @property
@@ -125,49 +112,28 @@ class CIFARDataModule(LightningDataModule):
         hp = self.hparams
         mean, std = STATS[hp.dataset]
         per_image = hp.augment == "albumentations"
-        if self.test_set is None:
+        # one seed on every DDP rank: the draws are a function of the sample index, which sets the ranks apart
+        self.batch_augment = BatchAugment(mean, std, seed=data_seed())
+        if self.val_set is None:
             self.class_names = (
                 [f"synthetic_{i}" for i in range(self.num_classes)]
                 if hp.synthetic
                 else load_class_names(hp.root, self.spec, hp.verify_md5)
             )
-            self.test_set = CIFARImages(*self._split(train=False), eval_transform(mean, std) if per_image else None)
+            self.val_set = CIFARImages(*self._split(train=False), eval_transform(mean, std) if per_image else None)
         if stage in (None, "fit") and self.train_set is None:
             self.train_set = CIFARImages(*self._split(train=True), train_transform(mean, std) if per_image else None)
-            if per_image:
-                self.train_set.transform.set_random_seed(hp.seed)
+            if per_image:  # the main process's stream (num_workers=0); workers are reseeded in seed_worker
+                self.train_set.transform.set_random_seed(augment_seed(self.world[0]))
 
     def _split(self, train: bool) -> tuple[np.ndarray, np.ndarray]:
         hp = self.hparams
         if hp.synthetic:
-            n = hp.synthetic_train if train else hp.synthetic_val
-            return make_synthetic(self.num_classes, n, seed=hp.seed if train else hp.seed + 1)
+            # a fixed dataset, whatever the run's seed
+            return make_synthetic(
+                self.num_classes, hp.synthetic_train if train else hp.synthetic_val, seed=int(not train)
+            )
         return load_split(hp.root, self.spec, train=train, verify_md5=hp.verify_md5)
-
-    def _loader(self, dataset: CIFARImages, train: bool) -> DataLoader:
-        hp = self.hparams
-        workers = hp.num_workers
-        return (ResumableDataLoader if train else DataLoader)(
-            dataset,
-            batch_size=hp.batch_size if train else hp.eval_batch_size,
-            sampler=EpochRandomSampler(dataset, hp.seed) if train else None,
-            drop_last=train,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            worker_init_fn=seed_worker if workers > 0 else None,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        if self.train_set is None:
-            self.setup("fit")
-        return self._loader(self.train_set, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, train=False)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw batches (uint8 images, labels, indices) -> (normalised images, labels), augmented in training."""

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from backbones.checkpoint_files import ForbiddenGlobal, NumpyUnpickler
+from backbones.fileio import ForbiddenGlobal, NumpyUnpickler
 
 
 class CIFARFormatError(ValueError):

@@ -1,201 +1,205 @@
 """The LightningCLI every classification trainer shares: `run_cli(DataModuleClass)`.
 
-A trainer script is two lines (tools/train_cifar.py):
+A trainer script is one call (tools/train_cifar.py):
 
-    from classification.cli import run_cli
     run_cli(CIFARDataModule)
 
-and gets `fit | validate | test --config file.yaml [--config more.yaml] [--data.x ...] [--trainer.x ...]` with
+and gets `fit | validate | test --config recipe.yaml [--config model.yaml] [--data.x ...] [--trainer.x ...]` with
 the model section bound to `ClassificationModule` and these defaults on top of Lightning's:
-  - `--checkpoint.*`: ModelCheckpoint(save_last=True, every epoch) in `<trainer.default_root_dir>/checkpoints`
-    (a fixed folder, so `--ckpt_path last` finds it from a new process), written atomically (AtomicCheckpointIO);
-    a ModelCheckpoint under `trainer.callbacks` gets the same folder (the Places365-Challenge and ImageNet
-    configs add one that also writes last.ckpt every N steps, so a pre-empted epoch resumes mid-way);
-  - CSV and TensorBoard loggers under `<default_root_dir>/csv` and `<default_root_dir>/tensorboard` unless
-    `--trainer.logger` says otherwise;
+  - `--seed_everything 0`: the one seed, of the model's initialisation and of the data order and augmentation
+    (`classification.loaders.data_seed`), so `--ckpt_path last` continues the same order;
+  - `--checkpoint.*`: RunCheckpoints in `<trainer.default_root_dir>/checkpoints` (a fixed folder, so
+    `--ckpt_path last` finds it from a new process): last.ckpt every epoch, best.ckpt (lowest validation top-1
+    error), epochNNN.ckpt every `--checkpoint.every_n_epochs` epochs (default 1), all written atomically
+    (AtomicCheckpointIO); a ModelCheckpoint under `trainer.callbacks` gets the same folder (the
+    Places365-Challenge and ImageNet configs add one that also writes last.ckpt every N steps, so a pre-empted
+    epoch resumes mid-way);
+  - `--nan_guard.*`: NonFiniteLossGuard, which stops a diverged run before a checkpoint holds it;
   - `--curves.*`: TrainingCurves, which plots the curves to `<default_root_dir>/curves.png` and prints the
-    final error when fit, validate or test ends.
+    final error when fit, validate or test ends; BadSampleReport, for data that skips bad images;
+  - CSV and TensorBoard loggers under `<default_root_dir>/csv` and `<default_root_dir>/tensorboard` unless
+    `--trainer.logger` says otherwise.
+`fit` prints the batch per device, the global batch it makes and the lr when it starts, and refuses to run
+without a length (trainer.max_epochs or max_steps): the sign of a model config given without its recipe.
+Before any data is read, every subcommand checks that its output folders can be written, removes the temporary
+files a killed save left there, and checks `--ckpt_path` and `--model.pretrained`; `--ckpt_path last` resumes
+the newest complete checkpoint when last.ckpt is missing (a kill between an epoch's files) and says which.
+`main` runs the CLI for the tools/ scripts: a wrong path, a bad file, a full disk or a diverged run ends in one
+line, not a traceback. Under DDP (`--trainer.strategy ddp --trainer.devices N`, one process per device) the line
+names the failing rank, and the other ranks, whose next collective fails with it, stop with a line pointing to it.
 """
 
 from __future__ import annotations
 
-import math
 import os
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
-import torch
+import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO
-from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
+from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_only
 
-from backbones.atomic import atomic_write
+from backbones import CheckpointError
+from backbones.fileio.atomic import remove_stale_temp_files
 
+from .callbacks import NonFiniteLossError, NonFiniteLossGuard, TrainingCurves
+from .checkpoints import AtomicCheckpointIO, RunCheckpoints, check_writable, checkpoint_folders, resume_checkpoint
+from .imagefolder import BadSampleReport
 from .module import ClassificationModule
+from .samples import DataError
+
+say = rank_zero_only(print)
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """TorchCheckpointIO whose saves are all-or-nothing: a crash mid-save leaves the previous file intact.
-
-    Through `backbones.atomic` (a flushed temporary file in the destination folder, then a rename). Lightning's
-    own save streams into the destination (or through a temp file that may sit on another disk).
-    """
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
-        if storage_options is not None:
-            raise TypeError(f"{type(self).__name__} does not take storage_options")
-        atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+def _as_list(value: Any) -> list:
+    return [] if value is None else list(value) if isinstance(value, list | tuple) else [value]
 
 
-class TrainingCurves(Callback):
-    """Records per-epoch metrics, plots them to a PNG and prints the final error.
-
-    The history lives in the callback's state dict, so it is checkpointed: after `--ckpt_path last` the plot
-    still covers the whole run, not only the resumed part.
-
-    Args:
-        filename: PNG path; relative paths are under the trainer's default_root_dir.
-    """
-
-    TRAIN_KEYS = ("train/loss_epoch", "train/top1_error")
-    VAL_KEYS = ("val/loss", "val/top1_error", "val/top5_error")
-
-    def __init__(self, filename: str = "curves.png"):
-        self.filename = filename
-        self.history: dict[str, list[tuple[int, float]]] = {}  # metric -> [(epoch, value)]
-        self.last_val_step = -1  # global step of the last recorded validation
-
-    def state_dict(self) -> dict[str, Any]:
-        history = {k: [list(p) for p in v] for k, v in self.history.items()}
-        return {"history": history, "last_val_step": self.last_val_step}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.history = {k: [(int(e), float(x)) for e, x in v] for k, v in state_dict["history"].items()}
-        self.last_val_step = int(state_dict.get("last_val_step", -1))
-
-    def _record(self, trainer: Trainer, keys: tuple[str, ...]) -> None:
-        for key in keys:
-            value = trainer.callback_metrics.get(key)
-            if value is not None:
-                self.history.setdefault(key, []).append((trainer.current_epoch, float(value)))
-
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._record(trainer, self.TRAIN_KEYS)
-
-    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.state.fn == "validate":
-            self._print_errors(trainer, "validation")
-        elif not trainer.sanity_checking:
-            self._record(trainer, self.VAL_KEYS)
-            self.last_val_step = trainer.global_step
-
-    def path(self, trainer: Trainer) -> Path:
-        return Path(trainer.default_root_dir) / self.filename
-
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
-        png = self.plot(self.path(trainer))
-        last = {k: v[-1][1] for k, v in self.history.items() if v}
-        if "val/top1_error" in last and self.last_val_step == trainer.global_step:
-            print(
-                f"final validation error after {trainer.current_epoch} epochs ({trainer.global_step} steps): "
-                f"top-1 {last['val/top1_error']:.2f}%, top-5 {last['val/top5_error']:.2f}%"
-            )
-        if png is not None:
-            print(f"training curves: {png}")
-
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        if trainer.is_global_zero:
-            self.plot(self.path(trainer))
-
-    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._print_errors(trainer, "test")
-
-    def _print_errors(self, trainer: Trainer, stage: str) -> None:
-        key = "val" if stage == "validation" else stage
-        metrics = trainer.callback_metrics
-        if trainer.is_global_zero and f"{key}/top1_error" in metrics:
-            print(
-                f"{stage} error: top-1 {float(metrics[f'{key}/top1_error']):.2f}%, "
-                f"top-5 {float(metrics[f'{key}/top5_error']):.2f}%"
-            )
-
-    def plot(self, path: Path) -> Path | None:
-        """Loss (left) and error (right) per epoch -> PNG at `path`; None when nothing was recorded."""
-        if not self.history:
-            return None
-        import matplotlib
-
-        matplotlib.use("Agg")  # no display on training machines
-        import matplotlib.pyplot as plt
-
-        fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(11, 4))
-        for key, ax in [("train/loss_epoch", ax_loss), ("val/loss", ax_loss)] + [
-            (k, ax_err) for k in ("train/top1_error", "val/top1_error", "val/top5_error")
-        ]:
-            points = [(e + 1, x) for e, x in self.history.get(key, []) if math.isfinite(x)]
-            if points:
-                ax.plot(*zip(*points, strict=True), marker=".", label=key.replace("_epoch", ""))
-        ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
-        ax_err.set(xlabel="epoch", ylabel="error (%)", title="error")
-        for ax in (ax_loss, ax_err):
-            ax.grid(alpha=0.3)
-            ax.legend()
-        fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return path
+def batch_summary(trainer: Trainer, batch_size: int, lr: float) -> str:
+    """What one optimizer step sees: the per-device batch, the global batch it makes, and the lr for it."""
+    devices, nodes, accumulate = trainer.num_devices, trainer.num_nodes, trainer.accumulate_grad_batches
+    total = batch_size * devices * nodes * accumulate
+    return (
+        f"batch: {batch_size} per device x {devices} device(s) x {nodes} node(s) x {accumulate} accumulated = "
+        f"{total} images per optimizer step, at lr {lr:g} ({lr * 256 / total:.4g} per 256 images)"
+    )
 
 
 class ClassificationCLI(LightningCLI):
-    """LightningCLI with the suite's checkpoint, logger and curve defaults (see the module docstring)."""
+    """LightningCLI with the suite's checkpoint, logger and callback defaults (see the module docstring)."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults(
-            {
-                "checkpoint.save_last": True,
-                "checkpoint.every_n_epochs": 1,
-                "checkpoint.filename": "epoch{epoch:03d}",
-                "checkpoint.auto_insert_metric_name": False,
-            }
-        )
+        # a plain class group, not a Lightning callback argument, which would come after the config's own
+        # callbacks: the first ModelCheckpoint is trainer.checkpoint_callback (`--ckpt_path best`)
+        parser.add_class_arguments(RunCheckpoints, "checkpoint", fail_untyped=False, sub_configs=True)
+        parser.add_lightning_class_args(NonFiniteLossGuard, "nan_guard")
         parser.add_lightning_class_args(TrainingCurves, "curves")
 
-    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
-        root = Path(config.get("default_root_dir") or os.getcwd())
-        configured = config.get("callbacks") or []
-        # `--checkpoint` first, so it stays trainer.checkpoint_callback (`--ckpt_path best`) beside a config's own
-        # ModelCheckpoint (e.g. a step-based last.ckpt)
-        callbacks = [*callbacks, *(configured if isinstance(configured, list | tuple) else [configured])]
-        config["callbacks"] = []
+    def before_instantiate_classes(self) -> None:
+        self.started = time.time()  # temporary files older than this are from a killed earlier run
+        # a model config given without its recipe would train for Lightning's default 1000 epochs at a constant lr
+        trainer = self.config[self.subcommand].trainer if self.subcommand else self.config.trainer
+        if self.subcommand == "fit" and trainer.max_epochs is None and trainer.max_steps == -1:
+            self.parser.error(
+                "fit needs trainer.max_epochs or trainer.max_steps; a model config comes after its recipe "
+                "(--config configs/lightning/<task>/recipe_*.yaml --config <model>.yaml)"
+            )
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        trainer = config["trainer"]
+        root = Path(trainer.get("default_root_dir") or os.getcwd())
+        callbacks = [config["checkpoint"], *_as_list(trainer.get("callbacks"))]
         for cb in callbacks:
             if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
                 # fixed, unversioned: a later process must find last.ckpt for --ckpt_path last
                 cb.dirpath = str(root / "checkpoints")
-        if config.get("logger") in (None, True):
-            config["logger"] = [CSVLogger(root, name="csv"), TensorBoardLogger(root, name="tensorboard")]
-        plugins = config.get("plugins") or []
-        plugins = list(plugins) if isinstance(plugins, list | tuple) else [plugins]
+        defaults: dict[str, Any] = {"callbacks": callbacks}
+        if trainer.get("logger") in (None, True):
+            defaults["logger"] = [CSVLogger(root, name="csv"), TensorBoardLogger(root, name="tensorboard")]
+        plugins = _as_list(trainer.get("plugins"))
         if not any(isinstance(p, CheckpointIO) for p in plugins):
-            plugins.append(AtomicCheckpointIO())
-        config["plugins"] = plugins
-        return super()._instantiate_trainer(config, callbacks)
+            defaults["plugins"] = [*plugins, AtomicCheckpointIO()]
+        # Lightning appends the `--nan_guard` and `--curves` callbacks and those of trainer_defaults
+        return super().instantiate_trainer(**{**defaults, **kwargs})
+
+    def before_fit(self) -> None:
+        self.prepare_run()
+        batch_size = self.datamodule.hparams.get("batch_size")
+        if batch_size is not None:
+            say(batch_summary(self.trainer, batch_size, self.model.hparams.lr))
+
+    def before_validate(self) -> None:
+        self.prepare_run()
+
+    def before_test(self) -> None:
+        self.prepare_run()
+
+    def prepare_run(self) -> None:
+        """What can fail on a path fails now, in one line, not after the data is read or an epoch is trained."""
+        trainer, config, fitting = self.trainer, self.config_init[self.subcommand], self.subcommand == "fit"
+        checkpoints = checkpoint_folders(trainer)
+        for folder in dict.fromkeys([Path(trainer.default_root_dir), *(checkpoints if fitting else [])]):
+            check_writable(folder)
+            removed = remove_stale_temp_files(folder, before=self.started)
+            if removed:
+                say(f"removed {len(removed)} temporary file(s) of an interrupted save: {', '.join(map(str, removed))}")
+        config["ckpt_path"] = ckpt_path = self._resolve_ckpt_path(config.get("ckpt_path"), checkpoints, fitting)
+        pretrained = self.model.hparams.get("pretrained")
+        if ckpt_path is None and pretrained and "://" not in pretrained and not Path(pretrained).is_file():
+            raise FileNotFoundError(f"--model.pretrained {pretrained}: no such file")
+
+    def _resolve_ckpt_path(self, ckpt_path: str | None, checkpoints: list[Path], fitting: bool) -> str | None:
+        where = ", ".join(map(str, checkpoints))
+        if ckpt_path == "last":
+            found = resume_checkpoint(checkpoints)
+            if found is None and not fitting:
+                raise FileNotFoundError(f"--ckpt_path last: no checkpoint in {where}")
+            if found is None:
+                say(f"--ckpt_path last: no checkpoint in {where} yet; training from the start")
+                return None
+            note = "" if found.name.startswith("last") else " (the newest complete checkpoint: no last.ckpt)"
+            say(f"--ckpt_path last: resuming from {found}{note}")
+            return str(found)
+        if ckpt_path == "best" and not getattr(self.trainer.checkpoint_callback, "best_model_path", None):
+            # a new process: Lightning knows only the best of its own fit; best.ckpt is that of earlier ones
+            best = [f / "best.ckpt" for f in checkpoints if (f / "best.ckpt").is_file()]
+            if not best:
+                raise FileNotFoundError(f"--ckpt_path best: no best.ckpt in {where}")
+            return str(best[0])
+        if ckpt_path not in (None, "best", "hpc") and "://" not in ckpt_path and not Path(ckpt_path).is_file():
+            raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such file")
+        return ckpt_path
 
     def after_fit(self) -> None:
         """Validate the final weights when training stopped after the last validation (max_steps mid-epoch)."""
         trainer = self.trainer
         curves = next((cb for cb in trainer.callbacks if isinstance(cb, TrainingCurves)), None)
         if curves is not None and 0 <= curves.last_val_step != trainer.global_step:
-            print(
-                f"training ended at step {trainer.global_step}, after the last validation: validating the final weights"
-            )
+            say(f"training ended at step {trainer.global_step}, after the last validation: validating the final weights")
             trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+
+
+def _process() -> tuple[int, int]:
+    """(global rank, processes) of this process's DDP run; (0, 1) outside one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _peer_failed(e: RuntimeError) -> bool:
+    """A collective that failed because another rank is gone: gloo says its connection closed; NCCL raises a
+    DistError (a dead peer shows there as a timeout)."""
+    return isinstance(e, dist.DistError) or any(s in str(e) for s in ("closed by peer", "reset by peer"))
+
+
+def main(datamodule_class: type[LightningDataModule], *user_errors: type[Exception]) -> None:
+    """`run_cli(datamodule_class)` for a tools/ script: a wrong path, a bad data or checkpoint file (and
+    `user_errors`, the task's own), a full disk or a diverged run end in `error: <message>` and exit status 1.
+
+    Under DDP the rank that failed prints `error (rank R of N): <message>`; the others, stopped by the failed
+    collective, print one line that points to it instead of a traceback. Every rank sees a diverged run at
+    the same check: rank 0 alone says so.
+    """
+    try:
+        run_cli(datamodule_class)
+    except (DataError, CheckpointError, NonFiniteLossError, OSError, *user_errors) as e:
+        rank, world = _process()
+        if isinstance(e, NonFiniteLossError) and rank > 0:
+            sys.exit(1)
+        sys.exit(f"error{f' (rank {rank} of {world})' if world > 1 else ''}: {e}")
+    except RuntimeError as e:
+        rank, world = _process()
+        if world == 1 or not _peer_failed(e):
+            raise
+        first = next(iter(str(e).strip().splitlines()), type(e).__name__)
+        sys.exit(f"error (rank {rank} of {world}): stopped because another process of this run failed; its error is above ({first})")
 
 
 def run_cli(
@@ -204,22 +208,28 @@ def run_cli(
     *,
     run: bool = True,
     model_class: type[ClassificationModule] = ClassificationModule,
+    trainer_defaults: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> ClassificationCLI:
     """Build (and by default run) the classification CLI for `datamodule_class`.
 
     Args:
-        datamodule_class: the task's LightningDataModule (its __init__ arguments become `--data.*`).
+        datamodule_class: the task's DataModule (its __init__ arguments become `--data.*`).
         args: command-line arguments (default: sys.argv[1:]); tests pass a list.
         run: False parses and instantiates model, data and trainer without a subcommand (for inspection).
         model_class: ClassificationModule or a subclass (its __init__ arguments become `--model.*`).
-        kwargs: forwarded to LightningCLI (e.g. trainer_defaults).
+        trainer_defaults: as LightningCLI's; its callbacks run besides the CLI's.
+        kwargs: forwarded to LightningCLI.
     """
+    trainer_defaults = dict(trainer_defaults or {})
+    trainer_defaults["callbacks"] = [BadSampleReport(), *_as_list(trainer_defaults.get("callbacks"))]
     return ClassificationCLI(
         model_class,
         datamodule_class,
         args=args,
         run=run,
+        trainer_defaults=trainer_defaults,
+        seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
         **kwargs,
     )

@@ -1,18 +1,71 @@
-"""Training loaders whose epoch a run resumed mid-way continues: shared by CIFAR, Places365 and ImageNet.
+"""The data loading every classification trainer (CIFAR, Places365, ImageNet) shares.
 
+`ClassificationDataModule` is the base of the trainers' DataModules: the batch and worker options, and the
+train / val / test loaders, all built by `build_loader`. The training loader is a `ResumableDataLoader`:
 Lightning checkpoints a train DataLoader's position when the loader has `state_dict` / `load_state_dict`.
 Without them, a run resumed from a step checkpoint (the Places365-Challenge and ImageNet configs write one)
 restarts the epoch's loader: it runs the remaining number of steps, but over the epoch's first samples, so
 some of the epoch's samples are seen twice and others never.
+
+One seed drives everything: `seed_everything` (the CLI's `--seed_everything`) seeds the model's
+initialisation, and `data_seed()` hands the same seed to the sampler and the augmentation.
+
+Under DDP (one process per device) Lightning gives the training loader a DistributedSampler: each rank reads
+its own share of the epoch (padded by repeating a few samples to an equal share), in an order of (seed, epoch)
+that the resumable loader continues as on one process. The evaluation loaders get an unpadded one here, so
+every validation sample is scored exactly once and the reduced error is the single-process one; each rank's
+augmentation draws from its own stream (`augment_seed`, `seed_worker`).
 """
 
 from __future__ import annotations
 
+import os
+from functools import partial
 from itertools import islice
 from typing import Any
 
+import cv2
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, get_worker_info
+
+
+def data_seed() -> int:
+    """The run's seed for the data order and the augmentation: the one `seed_everything` set.
+
+    Lightning exports it as PL_GLOBAL_SEED (inherited by DDP processes) and seeds its own DistributedSampler
+    with it under DDP; 0 when nothing was seeded, as there.
+    """
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+
+_RANK_STRIDE = 1 << 20  # more than the worker processes of one rank: the ranks' worker seeds never meet
+
+
+def augment_seed(rank: int = 0) -> int:
+    """The seed of process `rank`'s augmentation stream: the run's seed on rank 0 (and on one process).
+
+    Every DDP process is seeded alike; with one augmentation seed, all of them would draw the same crops and
+    flips, each for its own images.
+    """
+    return data_seed() + rank * _RANK_STRIDE
+
+
+def seed_worker(worker_id: int, rank: int = 0) -> None:
+    """DataLoader `worker_init_fn`: a distinct augmentation stream per worker and epoch, one OpenCV thread.
+
+    torch gives every worker of every epoch its own seed; the albumentations pipeline copied into a forked
+    worker would otherwise replay the parent's random stream in every worker. The dataset's `transform` is
+    reseeded through albumentations' `set_random_seed` (an `A.Compose`, or a wrapper with the same method).
+    torch's worker seeds are the same on every DDP rank (each rank's generator is seeded alike): `rank` (bound by
+    `build_loader`) sets them apart. OpenCV's own thread pool would oversubscribe the cores the other workers use.
+    """
+    cv2.setNumThreads(1)
+    info = get_worker_info()
+    transform = getattr(info.dataset, "transform", None)
+    if hasattr(transform, "set_random_seed"):
+        transform.set_random_seed((info.seed + rank * _RANK_STRIDE) % 2**32)
 
 
 class EpochRandomSampler(RandomSampler):
@@ -84,3 +137,72 @@ class _SkipBatches:
 
     def __len__(self) -> int:
         return len(self.batches)
+
+
+def build_loader(
+    dataset: Dataset, batch_size: int, *, train: bool, num_workers: int, rank: int = 0, replicas: int = 1
+) -> DataLoader:
+    """The one DataLoader recipe: training shuffles by (seed, epoch), resumes mid-epoch and drops the last
+    partial batch (a batch of one image would break BatchNorm); evaluation reads every sample in order.
+
+    `rank` of `replicas` processes: evaluation reads only this rank's share, every sample on exactly one rank.
+    Lightning's own DistributedSampler pads the shares to equal lengths by repeating samples, which would then
+    count twice in the error. Ranks may run one batch apart; nothing in evaluation waits per batch (the
+    metrics are reduced once, at the end). A set smaller than `replicas` keeps the padding: an empty share
+    would leave its rank out of DDP's first-batch buffer broadcast.
+    """
+    sampler = EpochRandomSampler(dataset, data_seed()) if train else None
+    if not train and 1 < replicas <= len(dataset):
+        sampler = UnrepeatedDistributedSampler(dataset, num_replicas=replicas, rank=rank, shuffle=False)
+    return (ResumableDataLoader if train else DataLoader)(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=train,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+        worker_init_fn=partial(seed_worker, rank=rank) if num_workers > 0 else None,
+    )
+
+
+class ClassificationDataModule(LightningDataModule):
+    """Base of the trainers' DataModules: the loader options and the loaders.
+
+    A subclass builds `train_set` (in `setup("fit")`) and `val_set`. Validation and test both read `val_set`:
+    CIFAR's test split (the paper's protocol), the labelled validation set of Places365 and ImageNet (their
+    test labels are not public).
+
+    Args:
+        batch_size: training images PER DEVICE, not global (as DDP does): each of the trainer's processes
+            loads batch_size, so one optimizer step sees batch_size x devices x num_nodes x
+            accumulate_grad_batches images; `fit` prints that global batch and its lr when it starts.
+        eval_batch_size: images per device for validation and test (default: batch_size).
+        num_workers: DataLoader worker processes per device.
+    """
+
+    def __init__(self, batch_size: int = 128, eval_batch_size: int | None = None, num_workers: int = 4):
+        super().__init__()
+        self.save_hyperparameters()  # a subclass's own arguments too: it collects every __init__ up the MRO
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    @property
+    def world(self) -> tuple[int, int]:
+        """(this process's global rank, the number of processes) of the trainer's run; (0, 1) without one."""
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def train_dataloader(self) -> DataLoader:
+        hp = self.hparams
+        return build_loader(self.train_set, hp.batch_size, train=True, num_workers=hp.num_workers, rank=self.world[0])
+
+    def val_dataloader(self) -> DataLoader:
+        hp, (rank, replicas) = self.hparams, self.world
+        batch_size = hp.eval_batch_size or hp.batch_size
+        return build_loader(
+            self.val_set, batch_size, train=False, num_workers=hp.num_workers, rank=rank, replicas=replicas
+        )
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()

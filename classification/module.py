@@ -17,11 +17,10 @@ Usage (LightningCLI YAML, `model:` section): the same keyword arguments, e.g.
       interval: step
 
 Logged metrics (names are the contract the CLI callbacks and the other trainers rely on):
-  train/loss (step and epoch), train/top1_error (epoch, %, on augmented batches), train/lr (step),
-  val/loss, val/top1_error, val/top5_error (%), and the same under test/.
-A non-finite training loss raises `NonFiniteLossError` before any checkpoint or validation can use it: each
-step only records it on the device, and the record is read back (one all-reduce) every `finite_check_every`
-batches, before each checkpoint save and validation, and at the end of every epoch.
+  train/loss_step, train/loss_epoch, train/top1_error (epoch, %, on augmented batches), train/lr (step),
+  val/loss, val/top1_error, val/top5_error (%), and the same under test/. Under DDP every epoch value is
+  over all ranks' samples; train/loss_step (the progress bar's) is this rank's.
+A non-finite training loss is caught by the CLI's `NonFiniteLossGuard` callback (classification.callbacks).
 """
 
 from __future__ import annotations
@@ -36,16 +35,10 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import nn
+from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from backbones import create_model, load_pretrained
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or inf; the run stops before the bad step reaches a checkpoint."""
-
-
-_NO_BAD_BATCH = torch.iinfo(torch.int64).max
+from backbones import UntrustedCheckpointError, create_model, load_pretrained
 
 
 @dataclass
@@ -104,6 +97,8 @@ class ClassificationModule(LightningModule):
             prefixes, drops a classifier of another class count, runs no code) when fit, validate or test
             starts without a checkpoint to restore; a resumed run (`--ckpt_path last`) and
             `load_from_checkpoint` take the weights from their checkpoint and never open this file.
+        trusted: let `pretrained` be a pickle that runs code when loaded (refused by default); only for a file
+            from a source you trust.
         label_smoothing: cross-entropy label smoothing in [0, 1).
         lr, momentum, nesterov, weight_decay: SGD settings; `no_wd_on_bn_bias` exempts BN parameters and biases
             from weight decay.
@@ -113,15 +108,13 @@ class ClassificationModule(LightningModule):
             starting at `warmup_factor` x lr.
     """
 
-    # batches between read-backs of the non-finite-loss record (each waits for the device and all-reduces)
-    finite_check_every: int = 50
-
     def __init__(
         self,
         model: str | nn.Module = "cifar_resnet110",
         model_options: dict[str, Any] | None = None,
         num_classes: int = 10,
         pretrained: str | None = None,
+        trusted: bool = False,
         label_smoothing: float = 0.0,
         lr: float = 0.1,
         momentum: float = 0.9,
@@ -156,15 +149,10 @@ class ClassificationModule(LightningModule):
         # not loaded here: load_from_checkpoint and a resumed fit also build the module from these
         # hyperparameters, and the file may be gone by then (the checkpoint's weights replace it anyway)
         self._pretrained_pending = pretrained is not None
-        # during fit: the device-side record of the first non-finite loss since the last check (2 x index + isinf,
-        # _NO_BAD_BATCH if none), and (epoch, batch, global step) of each batch since then, by index
-        self._first_bad: torch.Tensor | None = None
-        self._unchecked: list[tuple[int, int, int]] = []
-        top5 = min(5, num_classes)
-        self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
-        self.val_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
-        self.test_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
-        self.test_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
+        accuracy = {k: MulticlassAccuracy(num_classes, top_k=min(k, num_classes), average="micro") for k in (1, 5)}
+        # no compute groups: top-1 and top-5 states can be equal after the first batch, and would then be merged
+        metrics = MetricCollection({f"top{k}": m for k, m in accuracy.items()}, compute_groups=False)
+        self.metrics = nn.ModuleDict({stage: metrics.clone(prefix=f"{stage}/") for stage in ("val", "test")})
 
     def setup(self, stage: str) -> None:
         data_classes = getattr(self.trainer.datamodule, "num_classes", None)
@@ -177,15 +165,19 @@ class ClassificationModule(LightningModule):
     def load_pretrained_weights(self) -> None:
         """Load the `pretrained` file into the network, once; a restored checkpoint cancels it."""
         if self._pretrained_pending:
-            load_pretrained(self.model, self.hparams.pretrained)
+            try:
+                load_pretrained(self.model, self.hparams.pretrained, trusted=self.hparams.get("trusted", False))
+            except UntrustedCheckpointError as e:
+                # the loader's advice names the flag of the plain tools; here it is a model option
+                flag = "--model.trusted true"
+                message = str(e)
+                raise UntrustedCheckpointError(
+                    message.replace("--trusted", flag) if "--trusted" in message else f"{message} ({flag} opens it)"
+                ) from e
             self._pretrained_pending = False
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._pretrained_pending = False
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # called while the checkpoint dict is built, before any file is written
-        self._raise_if_nonfinite()
 
     # Lightning restores a checkpoint after `setup` and before these hooks; only strategies that restore after
     # their own setup (FSDP, DeepSpeed) call on_fit_start first: the file is then read, and overwritten
@@ -193,7 +185,6 @@ class ClassificationModule(LightningModule):
         self.load_pretrained_weights()
 
     def on_validation_start(self) -> None:
-        self._raise_if_nonfinite()  # validation during fit would score a diverged network
         self.load_pretrained_weights()
 
     def on_test_start(self) -> None:
@@ -217,70 +208,29 @@ class ClassificationModule(LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, target = batch
         logits = self(images)
-        loss = self.loss(logits, target)
-        self._check_finite(loss, batch_idx)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(target))
+        loss, n = self.loss(logits, target), len(target)
+        # the step value stays this rank's: syncing it would add an all-reduce to every step; the epoch means
+        # (the curves') are reduced over the ranks once, at the epoch's end
+        self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=n)
+        self.log("train/loss_epoch", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=n)
         error = (logits.argmax(1) != target).float().mean() * 100
-        self.log("train/top1_error", error, on_step=False, on_epoch=True, batch_size=len(target))
+        self.log("train/top1_error", error, on_step=False, on_epoch=True, sync_dist=True, batch_size=n)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
-
-    def _check_finite(self, loss: torch.Tensor, batch_idx: int) -> None:
-        """Record a non-finite loss on the device; reading it back here would stall every step."""
-        if self._first_bad is None:
-            return  # not fitting (e.g. a training_step called by hand)
-        loss = loss.detach()
-        code = torch.where(torch.isfinite(loss), _NO_BAD_BATCH, torch.isinf(loss).long() + 2 * len(self._unchecked))
-        self._first_bad = torch.minimum(self._first_bad, code)
-        self._unchecked.append((self.current_epoch, batch_idx, self.global_step))
-
-    def _raise_if_nonfinite(self) -> None:
-        """Read the record back: raise NonFiniteLossError on every rank if any rank saw a non-finite loss."""
-        if self._first_bad is None or not self._unchecked:
-            return
-        # one collective on every rank at the same batch: they stop together, none waits in a later all-reduce
-        code = int(self.trainer.strategy.reduce(self._first_bad.clone(), reduce_op="min"))
-        unchecked, self._unchecked = self._unchecked, []
-        if code == _NO_BAD_BATCH:
-            return
-        self._first_bad = None  # this fit is over: a later validate or test of the module checks nothing
-        epoch, batch_idx, step = unchecked[code // 2]
-        raise NonFiniteLossError(
-            f"training loss is {'inf' if code % 2 else 'nan'} at epoch {epoch}, batch {batch_idx} (global step "
-            f"{step}; found at step {self.global_step}, checks run every {self.finite_check_every} batches and "
-            "before each checkpoint and validation); stopping before any checkpoint holds it. last.ckpt still "
-            "holds the last good save and resumes with --ckpt_path last; if the loss diverges again, restart "
-            "with a lower lr, a longer warm-up or 32-bit precision."
-        )
-
-    def on_train_start(self) -> None:
-        self._first_bad = torch.full((), _NO_BAD_BATCH, dtype=torch.int64, device=self.device)
-        self._unchecked = []
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if len(self._unchecked) >= self.finite_check_every:
-            self._raise_if_nonfinite()
-
-    def on_train_epoch_end(self) -> None:
-        self._raise_if_nonfinite()
-
-    def on_train_end(self) -> None:
-        self._raise_if_nonfinite()
-        self._first_bad = None
 
     def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
         images, target = batch
         logits = self(images)
         self.log(f"{stage}/loss", self.loss(logits, target), sync_dist=True, batch_size=len(target))
-        getattr(self, f"{stage}_top1").update(logits, target)
-        getattr(self, f"{stage}_top5").update(logits, target)
+        self.metrics[stage].update(logits, target)
 
     def _log_errors(self, stage: str) -> None:
-        for k in ("top1", "top5"):
-            metric = getattr(self, f"{stage}_{k}")
-            # compute() all-reduces the counts across ranks; error in percent as the paper reports it
-            self.log(f"{stage}/{k}_error", (1.0 - metric.compute()) * 100, prog_bar=k == "top1")
-            metric.reset()
+        # compute() all-reduces the counts across ranks; error in percent as the paper reports it. The value is
+        # then the same on every rank: the max of equal numbers is exact (and spares Lightning's sync_dist warning)
+        for name, accuracy in self.metrics[stage].compute().items():
+            error = (1.0 - accuracy) * 100
+            self.log(f"{name}_error", error, prog_bar=name.endswith("top1"), sync_dist=True, reduce_fx="max")
+        self.metrics[stage].reset()
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val")

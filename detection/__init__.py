@@ -1,9 +1,14 @@
-"""Detectron2 add-on: Faster R-CNN with SE-ResNet backbones (Table 7), plus a synthetic COCO-format dataset.
+"""Faster R-CNN with SE-ResNet backbones (Table 7) on two engines, one backbone:
 
-Importing the package registers, when detectron2 is installed, the backbones `build_se_resnet_backbone` and
-`build_se_resnet_fpn_backbone`, the C4 head `SERes5ROIHeads` and the datasets `senet_synthetic_train` /
-`senet_synthetic_val`. Without detectron2 the package still imports and offers its detectron2-free part, the
-synthetic dataset generator; `HAS_DETECTRON2` says which.
+- `detection.detectron2`: the Detectron2 add-on (backbone builders, MODEL.SENET config, checkpointer, trainer);
+- `detection.mmdet`: the MMDetection backbone `type="SEResNet"` and the runner behind tools/train_mmdet.py;
+- `detection.trunk`: what the two backbone adapters share: each holds the one ResNet trunk of `backbones`
+  (`build_trunk(self, ...)`, parameters conv1, layer1.0.se.fc1, ... directly under it), loads ImageNet
+  checkpoints through the common loader and names its own config keys for the options weights need;
+- `detection.synthetic`: the small COCO-format dataset both engines' smoke configs train on.
+
+Importing `detection` registers the Detectron2 parts when detectron2 is installed (`HAS_DETECTRON2`), as a
+detectron2 project package does; the synthetic dataset generator needs neither engine.
 """
 
 from importlib.util import find_spec
@@ -15,22 +20,4 @@ HAS_DETECTRON2 = find_spec("detectron2") is not None
 __all__ = ["HAS_DETECTRON2", "SYNTHETIC_CLASSES", "make_synthetic_coco"]
 
 if HAS_DETECTRON2:
-    from .backbone import SEResNet, build_se_resnet_backbone, build_se_resnet_fpn_backbone
-    from .checkpoint import SENetCheckpointer
-    from .config import add_senet_config
-    from .data import register_synthetic_datasets
-    from .engine import Trainer, build_model_from_config, get_config
-    from .roi_heads import SERes5ROIHeads
-
-    register_synthetic_datasets()
-    __all__ += [
-        "SENetCheckpointer",
-        "SERes5ROIHeads",
-        "SEResNet",
-        "Trainer",
-        "add_senet_config",
-        "build_model_from_config",
-        "build_se_resnet_backbone",
-        "build_se_resnet_fpn_backbone",
-        "get_config",
-    ]
+    from . import detectron2  # noqa: F401  (registers the backbones and datasets)

@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from backbones.atomic import atomic_write
+from backbones.fileio.atomic import atomic_write
 
 SYNTHETIC_CLASSES = ("red_rectangle", "green_ellipse", "blue_triangle", "yellow_diamond")
 SYNTHETIC_CATEGORY_IDS = (1, 3, 7, 11)
-# The smoke runs' dataset, one for both engines: detectron2's (detection/data.py) and mmdet's smoke config
+# The smoke runs' dataset, one for both engines: detectron2's (detection/detectron2/data.py) and mmdet's smoke config
 # (configs/mmdet/smoke, checked equal by the tests) train and evaluate on the very same files.
 SMOKE_OPTIONS = {"num_train": 400, "num_val": 60, "image_size": 128, "seed": 0}
 _COLOURS = {  # RGB of each class; the generator jitters them

@@ -1,28 +1,14 @@
-"""Places365 and ImageNet training on PyTorch Lightning: DataModules for the official releases, the
-albumentations pipeline, and the trainers' CLI (tools/train_places365.py, tools/train_imagenet.py)."""
+"""Places365 for the classification trainer (tools/train_places365.py): the official releases read as they
+are (categories file, image lists, easyformat folders) and a generated stand-in for the smoke run."""
 
-from .data import BadSampleReport, ImageClassificationDataModule
 from .datamodule import Places365DataModule
-from .dataset import ImageSampleDataset
-from .imagenet import ImageNetDataModule
-from .lists import DataError, SampleTable, read_categories, read_image_list
+from .lists import read_categories, read_image_list
 from .synthetic import SyntheticPlaces365, make_synthetic_places365
-from .transforms import build_eval_transform, build_train_transform, normalize, read_image
 
 __all__ = [
-    "BadSampleReport",
-    "DataError",
-    "ImageClassificationDataModule",
-    "ImageNetDataModule",
-    "ImageSampleDataset",
     "Places365DataModule",
-    "SampleTable",
     "SyntheticPlaces365",
-    "build_eval_transform",
-    "build_train_transform",
     "make_synthetic_places365",
-    "normalize",
     "read_categories",
-    "read_image",
     "read_image_list",
 ]

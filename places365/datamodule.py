@@ -19,17 +19,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from .data import ImageClassificationDataModule
-from .lists import (
-    CATEGORIES_FILE,
-    NUM_CLASSES,
-    DataError,
-    SampleTable,
-    folder_class_ids,
-    read_categories,
-    read_image_list,
-    scan_class_folders,
-)
+from classification.imagefolder import ImageFolderDataModule
+from classification.samples import DataError, SampleTable, scan_class_folders
+
+from .lists import CATEGORIES_FILE, NUM_CLASSES, folder_class_ids, read_categories, read_image_list
 from .synthetic import SyntheticPlaces365, make_synthetic_places365
 
 log = logging.getLogger(__name__)
@@ -37,10 +30,10 @@ log = logging.getLogger(__name__)
 RESOLUTIONS = ("256", "large")
 
 
-class Places365DataModule(ImageClassificationDataModule):
+class Places365DataModule(ImageFolderDataModule):
     """Places365-Standard / -Challenge: 365 classes; batches (images (B, 3, S, S), labels (B,)).
 
-    Args (besides those of ImageClassificationDataModule):
+    Args (besides those of ImageFolderDataModule):
         root: the release folder (see the module docstring for what it holds).
         train_set: "standard" (1.8M images) or "challenge" (8M; the paper's Table 6).
         resolution: "256" (data_256 / val_256), "large" (data_large / val_large), or "auto": the first of
@@ -62,7 +55,7 @@ class Places365DataModule(ImageClassificationDataModule):
         synthetic: SyntheticPlaces365 | None = None,
         **kwargs,
     ):
-        # the loader, batch and augmentation options are the base class's (LightningCLI resolves **kwargs)
+        # the loader, batch and augmentation options are the base classes' (LightningCLI resolves **kwargs)
         super().__init__(root, **kwargs)
         if synthetic is not None:  # plain types only: checkpoints must load with weights_only=True
             self.hparams["synthetic"] = asdict(synthetic)
@@ -99,7 +92,7 @@ class Places365DataModule(ImageClassificationDataModule):
             self._image_dir(split),
             NUM_CLASSES,
             skip_bad=self.hparams.skip_bad_samples,
-            skipped=self.list_skipped,
+            skipped=self.list_skipped[split],
         )
 
     def _layout(self) -> str:

@@ -1,73 +1,17 @@
-"""Reading the Places365 release files as they are: the categories file, the image lists, the class folders.
+"""Reading the Places365 release files as they are: the categories file and the image lists.
 
-Every parser returns `Sample`s that remember where they came from (file and line), so a failure while
-decoding an image hours into training still names the list line that pointed at it.
+The lists become a `classification.samples.SampleTable` whose samples remember their file and line, so a
+failure while decoding an image hours into training still names the list line that pointed at it.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
+from classification.samples import DataError, SampleTable, Skipped
 
 CATEGORIES_FILE = "categories_places365.txt"
 NUM_CLASSES = 365
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-
-
-class DataError(ValueError):
-    """Bad dataset input. The message names the file (and line) and what was expected."""
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One labelled image. `origin` says where it was listed, e.g. "places365_val.txt line 12"."""
-
-    path: str
-    label: int
-    origin: str
-
-
-class SampleTable:
-    """Image paths (relative to `root`) and labels, held in numpy arrays.
-
-    Places365-Challenge lists 8M images: as Python objects they take ~1.5 GB that every DataLoader worker
-    copies page by page as reference counts touch them; as a byte blob plus offsets they take ~0.3 GB, shared.
-    `origin` names the list file (entry i came from line `lines[i]`) or the scanned tree.
-    """
-
-    def __init__(self, root: str | Path, paths: list[str], labels: list[int], origin: str, lines=None):
-        encoded = [p.encode() for p in paths]
-        self.root = os.fspath(root)
-        self.origin = origin
-        self.offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-        np.cumsum([len(b) for b in encoded], out=self.offsets[1:])
-        self.blob = np.frombuffer(b"".join(encoded), dtype=np.uint8)
-        self.labels = np.asarray(labels, dtype=np.int64)
-        self.lines = None if lines is None else np.asarray(lines, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> Sample:
-        rel = self.blob[self.offsets[i] : self.offsets[i + 1]].tobytes().decode()
-        origin = self.origin if self.lines is None else f"{self.origin} line {self.lines[i]}"
-        return Sample(os.path.join(self.root, rel), int(self.labels[i]), origin)
-
-
-@dataclass
-class Skipped:
-    """Bad entries dropped while reading a list or a tree (only when skipping is asked for)."""
-
-    count: int = 0
-    examples: list[str] = field(default_factory=list)  # the first few messages, for the report
-
-    def add(self, message: str) -> None:
-        self.count += 1
-        if len(self.examples) < 5:
-            self.examples.append(message)
 
 
 def read_categories(path: str | Path, num_classes: int = NUM_CLASSES) -> list[str]:
@@ -153,32 +97,6 @@ def folder_class_ids(categories: list[str]) -> dict[str, int]:
             ids[spelling] = idx
             ids[f"{letter}/{spelling}"] = idx
     return ids
-
-
-def scan_class_folders(folder: str | Path, class_ids: dict[str, int], *, what: str = "class folder") -> SampleTable:
-    """Samples from a tree `folder/<class>/<image>`, where `<class>` may span several directory levels.
-
-    Class ids come from `class_ids` (folder spelling -> id), never from the folders' sort order. A directory
-    holding images whose path matches no class raises DataError naming it.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"{what} tree {folder} not found")
-    paths, labels = [], []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames.sort()
-        images = sorted(f for f in filenames if f.lower().endswith(IMAGE_SUFFIXES))
-        if not images:
-            continue
-        rel = Path(dirpath).relative_to(folder).as_posix()
-        if rel not in class_ids:
-            known = ", ".join(sorted(class_ids)[:3])
-            raise DataError(f"{dirpath}: holds {len(images)} images but {rel!r} is no {what} (such as {known}, ...)")
-        paths.extend(f"{rel}/{f}" for f in images)
-        labels.extend([class_ids[rel]] * len(images))
-    if not paths:
-        raise DataError(f"{what} tree {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    return SampleTable(folder, paths, labels, f"the {what} tree {folder}")
 
 
 def _lines(path: Path):

@@ -1,7 +1,7 @@
 """A small generated dataset in the official Places365 layout, for the smoke run.
 
 `Places365DataModule(synthetic=SyntheticPlaces365(...))` writes it in prepare_data when the root is empty
-(configs/smoke/places365_synthetic.yaml); `make_synthetic_places365(root)` writes it directly.
+(configs/lightning/smoke/places365_synthetic.yaml); `make_synthetic_places365(root)` writes it directly.
 
 Writes the real `categories_places365.txt` (copied; a placeholder only when the real file cannot be found),
 `places365_train_standard.txt` (`/a/airfield/00000001.jpg 0`), `places365_val.txt`

@@ -4,7 +4,7 @@
     python tools/convert_checkpoint.py se_resnet50.safetensors se_resnet50_d2.pkl      # arch from the record
 
 The model is configured as the weights need (Caffe-style geometry, SE width rounding, class count); `--set`
-adds or overrides constructor options. All logic lives in `backbones.export.convert_checkpoint`.
+adds or overrides constructor options. All logic lives in `backbones.factory.convert_checkpoint`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import logging
 import sys
 from typing import Any
 
-from backbones.checkpoint_formats import SCHEMES, SCHEMES_DOC
-from backbones.export import CHECKPOINT_FORMATS, DETECTRON2_PREFIX, convert_checkpoint
+from backbones.checkpoints.export import CHECKPOINT_FORMATS, DETECTRON2_PREFIX
+from backbones.checkpoints.formats import SCHEMES, SCHEMES_DOC
+from backbones.factory import convert_checkpoint
 
 
 def _option(text: str) -> tuple[str, Any]:
@@ -42,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trusted", action="store_true", help="allow arbitrary unpickling: only for trusted files")
     p.add_argument("--ema", action="store_true", help="take the EMA weights (state_dict_ema, model_ema, ...)")
     p.add_argument("--prefix", help="take the weights under this key prefix when several candidates tie")
+    p.add_argument("--allow-nonfinite", action="store_true", help="convert weights holding NaN or inf (refused)")
     p.add_argument("--set", dest="options", action="append", type=_option, default=[], metavar="KEY=VALUE",
                    help="model option, e.g. --set layers='(1,1,1,1)' --set style=caffe (repeatable)")  # fmt: skip
     p.add_argument("--mean", type=float, nargs="+", help="per-channel mean of [0, 1] pixels (default ImageNet)")
@@ -66,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             trusted=args.trusted,
             ema=args.ema,
             prefix=args.prefix,
+            allow_nonfinite=args.allow_nonfinite,
             options=dict(args.options),
             preprocessing={k: v for k, v in given.items() if v is not None},
             detectron2_prefix=args.detectron2_prefix,

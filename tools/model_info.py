@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backbones import create_model, list_models  # noqa: E402
 from backbones.ablations import PAPER_TABLES  # noqa: E402
-from backbones.info import count_macs, count_params, default_input_size  # noqa: E402
+from backbones.complexity import count_macs, count_params, default_input_size  # noqa: E402
 
 
 def _parse_set(items: list[str]) -> dict:

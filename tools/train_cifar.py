@@ -1,8 +1,10 @@
-"""Train / validate / test the CIFAR networks of Tables 4-5 with LightningCLI.
+"""Train / validate / test the CIFAR networks of Tables 4-5 with LightningCLI: a recipe config, then a model config.
 
-python tools/train_cifar.py fit --config configs/cifar10_se_resnet110.yaml --data.root datasets
-python tools/train_cifar.py test --config configs/cifar10_se_resnet110.yaml --ckpt_path last
-python tools/train_cifar.py fit --config configs/smoke/cifar10_synthetic.yaml   # CPU, a few minutes
+C=configs/lightning/cifar
+python tools/train_cifar.py fit --config $C/recipe_resnet_he.yaml --config $C/cifar10_se_resnet110.yaml --data.root DIR
+python tools/train_cifar.py test --config $C/recipe_resnet_he.yaml --config $C/cifar10_se_resnet110.yaml \
+    --data.root DIR --ckpt_path last
+python tools/train_cifar.py fit --config configs/lightning/smoke/cifar10_synthetic.yaml   # CPU, a few minutes
 """
 
 import sys
@@ -11,7 +13,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from cifar.data import CIFARDataModule  # noqa: E402
-from classification.cli import run_cli  # noqa: E402
+from cifar.files import CIFARFormatError  # noqa: E402
+from classification.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    run_cli(CIFARDataModule)
+    main(CIFARDataModule, CIFARFormatError)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from detection import mmdet_runner  # noqa: E402  (needs neither mmcv nor mmdet to import)
+from detection.mmdet import runner as mmdet_runner  # noqa: E402  (needs neither mmcv nor mmdet to import)
 
 # mmengine 0.10 imports pkg_resources; its deprecation notice says nothing to a user of this tool.
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)

@@ -14,7 +14,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing the packages
 
-SMOKE_CONFIG = REPO / "configs/smoke/faster_rcnn_se_r50_synthetic.yaml"
+SMOKE_CONFIG = REPO / "configs/detectron2/smoke/faster_rcnn_se_r50_synthetic.yaml"
 INSTALL = "pip install --no-build-isolation 'git+https://github.com/facebookresearch/detectron2.git'"
 
 
@@ -25,9 +25,9 @@ def main() -> int:
         print(f"tools/train_net.py needs Detectron2 ({e}); install torch first, then: {INSTALL}", file=sys.stderr)
         return 2
     from backbones import CheckpointError
-    from detection.data import DatasetLayoutError
-    from detection.engine import check
-    from detection.engine import main as train_and_evaluate
+    from detection.detectron2.data import DatasetLayoutError
+    from detection.detectron2.engine import check
+    from detection.detectron2.engine import main as train_and_evaluate
 
     parser = default_argument_parser()
     parser.add_argument("--config", dest="config_file", metavar="FILE", help="alias of --config-file")

@@ -1,9 +1,11 @@
 """Train or evaluate on Places365 (Table 6 of the paper) with the shared classification LightningCLI.
 
-    python tools/train_places365.py fit --config configs/places365_se_resnet152.yaml --data.root DIR
-    python tools/train_places365.py fit --config configs/places365_se_resnet152.yaml --ckpt_path last
-    python tools/train_places365.py validate --config configs/places365_se_resnet152.yaml --ckpt_path BEST.ckpt
-    python tools/train_places365.py fit --config configs/smoke/places365_synthetic.yaml    # CPU, minutes
+    C=configs/lightning/places365
+    P="--config $C/recipe_table6.yaml --config $C/places365_se_resnet152.yaml"
+    python tools/train_places365.py fit $P --data.root DIR
+    python tools/train_places365.py fit $P --ckpt_path last
+    python tools/train_places365.py validate $P --ckpt_path BEST.ckpt
+    python tools/train_places365.py fit --config configs/lightning/smoke/places365_synthetic.yaml    # CPU, minutes
 
 `--data.root DIR` names the release folder (lists + image folders, or the easyformat train/ and val/).
 """
@@ -13,7 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from places365.cli import places365_cli  # noqa: E402
+from classification.cli import main  # noqa: E402
+from places365 import Places365DataModule  # noqa: E402
 
 if __name__ == "__main__":
-    places365_cli()
+    main(Places365DataModule)

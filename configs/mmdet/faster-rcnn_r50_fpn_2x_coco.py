@@ -4,7 +4,7 @@ _base_ = "./faster-rcnn_se-r50_fpn_2x_coco.py"
 
 model = dict(
     backbone=dict(
-        se=False,
+        se=None,
         init_cfg=dict(type="Pretrained", checkpoint="pretrained/resnet50.pth"),
     )
 )

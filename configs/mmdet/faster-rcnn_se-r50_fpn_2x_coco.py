@@ -11,14 +11,16 @@
 _base_ = "mmdet::faster_rcnn/faster-rcnn_r50_fpn_2x_coco.py"
 
 # Importing the module registers type="SEResNet" in mmdet's MODELS registry.
-custom_imports = dict(imports=["detection.mmdet_backbone"], allow_failed_imports=False)
+custom_imports = dict(imports=["detection.mmdet.backbone"], allow_failed_imports=False)
 
 model = dict(
     backbone=dict(
         _delete_=True,  # replace mmdet's ResNet entirely (its keys are not ours)
         type="SEResNet",
         depth=50,
-        se=True,
+        # The SE blocks, as backbones.SEOptions fields (reduction, squeeze, gate, bias, divisor, placement,
+        # stages); unnamed fields keep the paper's values. None builds the plain ResNet.
+        se=dict(reduction=16),
         style="pytorch",
         out_indices=(0, 1, 2, 3),
         frozen_stages=1,  # stem + res2 frozen, as mmdet's and Detectron's R50-FPN

@@ -1,0 +1,115 @@
+"""Training and evaluation with detectron2's DefaultTrainer; `tools/train_net.py` is the command line over it."""
+
+from __future__ import annotations
+
+import json
+import os
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+
+import detectron2.utils.comm as comm
+from detectron2.config import CfgNode, get_cfg
+from detectron2.engine import DefaultTrainer, default_setup
+from detectron2.evaluation import COCOEvaluator
+from detectron2.modeling import build_model
+from torch import nn
+
+from backbones.fileio.atomic import atomic_write
+
+from .checkpoint import SENetCheckpointer, check_weights_file
+from .config import add_senet_config
+from .data import prepare_datasets
+
+METRICS_FILE = "coco_metrics.json"
+
+
+def get_config(config_file: str | os.PathLike, opts: Sequence[str] = ()) -> CfgNode:
+    """detectron2 defaults + MODEL.SENET, then the YAML file, then `KEY VALUE` overrides."""
+    cfg = get_cfg()
+    add_senet_config(cfg)
+    cfg.merge_from_file(str(config_file))
+    cfg.merge_from_list(list(opts))
+    return cfg
+
+
+def build_model_from_config(
+    config_file: str | os.PathLike, opts: Sequence[str] = (), *, device: str = "cpu", load_weights: bool = False
+) -> nn.Module:
+    """The detector a config describes, in eval mode, e.g. for timing SE-R50-FPN against R50-FPN inference.
+
+    The model takes detectron2 inputs: [{"image": (3, H, W) uint8/float tensor in INPUT.FORMAT, "height": H,
+    "width": W}] -> [{"instances": Instances}]. `load_weights` loads MODEL.WEIGHTS (random init otherwise).
+    """
+    cfg = get_config(config_file, [*opts, "MODEL.DEVICE", device])
+    model = build_model(cfg)
+    if load_weights and cfg.MODEL.WEIGHTS:
+        SENetCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    return model.eval()
+
+
+class Trainer(DefaultTrainer):
+    """DefaultTrainer with COCO evaluation (pycocotools) and `SENetCheckpointer` for MODEL.WEIGHTS, resume, saves."""
+
+    @classmethod
+    def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None) -> COCOEvaluator:
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return COCOEvaluator(dataset_name, output_dir=output_folder)
+
+    @classmethod
+    def test(cls, cfg: CfgNode, model: nn.Module, evaluators=None) -> dict:
+        results = super().test(cfg, model, evaluators)
+        if comm.is_main_process():
+            write_metrics(cfg, results)
+        return results
+
+    def build_hooks(self) -> list:
+        # DefaultTrainer.__init__ makes its DetectionCheckpointer just before it builds the hooks; ours takes its
+        # place there, so the periodic saves (atomic) and resume_or_load (a resumed run's last checkpoint, else
+        # MODEL.WEIGHTS, which may be an ImageNet checkpoint of ours) go through the one SENetCheckpointer.
+        self.checkpointer = SENetCheckpointer(self.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        return super().build_hooks()
+
+
+def write_metrics(cfg: CfgNode, results: dict) -> Path:
+    """COCO metrics {dataset: {"bbox": {"AP", "AP50", "AP75", "APs", "APm", "APl", "AP-<class>"...}}} as JSON."""
+    if len(cfg.DATASETS.TEST) == 1 and cfg.DATASETS.TEST[0] not in results:
+        results = {cfg.DATASETS.TEST[0]: results}  # DefaultTrainer.test unwraps a single dataset's results
+    text = json.dumps(results, indent=2) + "\n"
+    return atomic_write(Path(cfg.OUTPUT_DIR) / METRICS_FILE, lambda tmp: tmp.write_text(text))
+
+
+def check(args) -> CfgNode:
+    """Config from the command line (`--config-file`, trailing KEY VALUE), with the files it needs checked.
+
+    Generates the synthetic data it names; raises DatasetLayoutError for missing COCO files and CheckpointError
+    for a missing or unreadable MODEL.WEIGHTS (unless --resume finds a checkpoint in OUTPUT_DIR, which then is
+    what loads). tools/train_net.py calls it before starting workers too: an error raised in a spawned worker
+    reaches the user as a wall of tracebacks, and the workers then do not generate the same data at once.
+    """
+    cfg = get_config(args.config_file, args.opts)
+    cfg.freeze()
+    prepare_datasets(cfg)
+    resuming = args.resume and SENetCheckpointer(nn.Module(), cfg.OUTPUT_DIR).has_checkpoint()  # reads save_dir only
+    if not resuming:
+        check_weights_file(cfg.MODEL.WEIGHTS)
+    return cfg
+
+
+def setup(args) -> CfgNode:
+    """The checked config (`check`), then detectron2's logging, OUTPUT_DIR and seeding (`default_setup`)."""
+    cfg = check(args)
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args) -> dict | None:
+    """Train (resuming with --resume) and evaluate, or evaluate only (--eval-only); one process per GPU."""
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        SENetCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        return Trainer.test(cfg, model)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()

@@ -1,0 +1,243 @@
+"""Train and evaluate an MMDetection config with MMEngine's Runner: the logic behind tools/train_mmdet.py.
+
+`check_mmdet()` turns a missing or unusable mmcv/mmdet into one sentence saying how to install it;
+`load_config()` reads a config and applies the command line; `prepare_data()` generates the synthetic dataset
+for configs that ask for it and otherwise checks the COCO files are where the config says; `build_runner()`
+builds the Runner with a hook that writes the latest metrics to `work_dir/metrics.json`; `run()` does all of it.
+
+Importing this module needs neither mmcv nor mmdet; every function that does imports them itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+
+INSTALL_HINT = (
+    "install the MMDetection extra with `uv sync --extra mmdet` (or `uv run --extra mmdet ...`); in another "
+    "environment install torch first, then `pip install --no-build-isolation mmcv==2.1.0 && pip install mmdet==3.3.0`"
+)
+COCO_LAYOUT = (
+    "{root}train2017/, {root}val2017/ and {root}annotations/instances_{{train,val}}2017.json "
+    "(the layout Detectron2 uses; the configs read $DETECTRON2_DATASETS/coco/, default ./datasets/coco/)"
+)
+
+
+class MMDetUnavailable(RuntimeError):
+    """mmcv / mmdet are missing or unusable; the message says how to install them."""
+
+
+class DatasetNotFound(FileNotFoundError):
+    """A dataset file or folder named by the config is missing; the message names it and the expected layout."""
+
+
+def check_mmdet() -> None:
+    """Raise MMDetUnavailable with one clear sentence unless mmcv (with compiled ops), mmengine and mmdet work."""
+    for name in ("mmengine", "mmcv"):
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise MMDetUnavailable(f"{name} is not installed ({e}): {INSTALL_HINT}") from None
+    import mmcv
+
+    try:
+        import mmcv.ops  # noqa: F401  (loads the compiled extension mmcv._ext)
+    except (ImportError, OSError) as e:
+        raise MMDetUnavailable(
+            f"mmcv {mmcv.__version__} has no usable compiled ops ({e}); mmcv-lite or a build without "
+            f"MMCV_WITH_OPS cannot run Faster R-CNN: {INSTALL_HINT}"
+        ) from None
+    try:
+        import mmdet  # noqa: F401  (asserts its supported mmcv / mmengine range on import)
+    except AssertionError as e:
+        raise MMDetUnavailable(f"mmdet refuses this mmcv/mmengine: {e} Then {INSTALL_HINT}") from None
+    except ImportError as e:
+        raise MMDetUnavailable(f"mmdet is not installed ({e}): {INSTALL_HINT}") from None
+
+
+def allow_mmengine_checkpoints() -> None:
+    """Let torch's weights-only unpickler read the checkpoints MMEngine writes (torch >= 2.6 loads weights-only).
+
+    mmengine 0.10 calls `torch.load(path)` on resume and `load_from` (`--checkpoint`). Besides tensors its
+    checkpoints hold the message hub's `HistoryBuffer`s (numpy arrays and scalars inside), which weights-only
+    loading refuses. Two compatibility shims, both on our side, keep loading code-free rather than switching
+    weights-only off (an untrusted pickle must not run code):
+
+    1. `HistoryBuffer.__getstate__` pickles the class's statistics functions (min, max, mean, current) as
+       `getattr(HistoryBuffer, name)`; allow-listing `getattr` would open the unpickler to arbitrary calls. We
+       pickle the buffer's own state only: its `__setstate__` restores those defaults itself.
+    2. Allow-list exactly the classes left: HistoryBuffer and numpy's array / dtype / scalar reconstruction.
+
+    A checkpoint written by another MMEngine program still carries `getattr` and is refused by torch with
+    its own message; it loads here after `TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`, which only a trusted file deserves.
+    """
+    import numpy as np
+    import torch
+    from mmengine.logging import HistoryBuffer
+
+    def getstate(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("statistics_methods", None)  # mmengine's own __getstate__ also left it in __dict__
+        return state
+
+    HistoryBuffer.__getstate__ = getstate
+    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    dtype_classes = [type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFDGUSV"]
+    safe = [HistoryBuffer, np.ndarray, np.dtype, multiarray._reconstruct, multiarray.scalar, *dtype_classes]
+    torch.serialization.add_safe_globals(safe)
+
+
+def parse_cfg_options(items: list[str]) -> dict:
+    """["a.b=1", "c=[1,2]"] -> {"a.b": 1, "c": [1, 2]}, parsed as MMEngine's own `--cfg-options` are."""
+    from mmengine.config import DictAction
+
+    namespace = argparse.Namespace()
+    DictAction(option_strings=[], dest="options")(None, namespace, list(items))
+    return namespace.options
+
+
+def load_config(
+    path: str | os.PathLike,
+    *,
+    cfg_options: dict | None = None,
+    work_dir: str | None = None,
+    launcher: str = "none",
+    resume: bool | str = False,
+    load_from: str | None = None,
+    auto_scale_lr: bool = False,
+):
+    """Read an MMDetection config and apply the command line; returns an `mmengine.Config`.
+
+    work_dir defaults to `output/mmdet/<config name>`. `resume=True` resumes from the latest checkpoint of
+    work_dir (MMEngine's `last_checkpoint` pointer, written only after a checkpoint is complete); a path resumes
+    from that file. `load_from` loads detector weights for evaluation or fine-tuning.
+    """
+    from mmengine.config import Config
+
+    path = Path(path)
+    cfg = Config.fromfile(str(path))
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    cfg.launcher = launcher
+    cfg.work_dir = work_dir or cfg.get("work_dir") or str(Path("output/mmdet") / path.stem)
+    if resume:
+        cfg.resume = True
+        cfg.load_from = None if resume is True else str(resume)
+    if load_from:
+        cfg.load_from = load_from
+    if auto_scale_lr:
+        if "auto_scale_lr" not in cfg or "base_batch_size" not in cfg.auto_scale_lr:
+            raise ValueError(f"{path} has no auto_scale_lr.base_batch_size, so --auto-scale-lr cannot scale lr")
+        cfg.auto_scale_lr.enable = True
+    return cfg
+
+
+def _dataset_paths(dataset: dict) -> list[Path]:
+    """The annotation file and image folder an mmdet dataset config points at."""
+    root = dataset.get("data_root") or ""
+    paths = []
+    if dataset.get("ann_file"):
+        paths.append(Path(root, dataset["ann_file"]))
+    image_dir = (dataset.get("data_prefix") or {}).get("img")
+    if image_dir is not None:
+        paths.append(Path(root, image_dir))
+    return paths
+
+
+def prepare_data(cfg, *, train: bool = True) -> None:
+    """Make the data the run needs exist, or say exactly what is missing.
+
+    A config with a `synthetic_data` dict (the smoke configs) gets `detection.synthetic.make_synthetic_coco(**it)`
+    first (a no-op when the files are already complete). Otherwise every annotation file and image folder of the
+    dataloaders the run uses (train + val when training, test otherwise) and the evaluators' `ann_file` must
+    exist, else DatasetNotFound names them and the COCO layout.
+    """
+    if cfg.get("synthetic_data"):
+        from detection.synthetic import make_synthetic_coco
+
+        make_synthetic_coco(**cfg.synthetic_data)
+        return
+    loaders = ("train_dataloader", "val_dataloader") if train else ("test_dataloader",)
+    evaluators = ("val_evaluator",) if train else ("test_evaluator",)
+    paths: list[Path] = []
+    for key in loaders:
+        if cfg.get(key):
+            paths += _dataset_paths(cfg[key]["dataset"])
+    for key in evaluators:
+        evaluator = cfg.get(key)
+        for ev in evaluator if isinstance(evaluator, list) else [evaluator] if evaluator else []:
+            if ev.get("ann_file"):
+                paths.append(Path(ev["ann_file"]))
+    missing = [str(p) for p in dict.fromkeys(paths) if not p.exists()]
+    if missing:
+        root = cfg.get("data_root", "datasets/coco/")
+        raise DatasetNotFound(
+            f"dataset files missing: {', '.join(missing)}. COCO 2017 is expected as " + COCO_LAYOUT.format(root=root)
+        )
+
+
+def _metrics_hook():
+    """A Hook keeping the latest val/test metrics (`.metrics`) and writing them to `work_dir/metrics.json`."""
+    from mmengine.dist import is_main_process
+    from mmengine.hooks import Hook
+
+    from backbones.fileio.atomic import atomic_write
+
+    class MetricsHook(Hook):
+        priority = "LOWEST"
+
+        def __init__(self) -> None:
+            self.metrics: dict[str, float] = {}
+
+        def after_val_epoch(self, runner, metrics: dict | None = None) -> None:
+            if not metrics:
+                return
+            self.metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+            if is_main_process():  # every rank gets the metrics; one writes them, whole file or nothing
+                text = json.dumps(self.metrics, indent=2)
+                atomic_write(Path(runner.work_dir, "metrics.json"), lambda tmp: tmp.write_text(text))
+
+        after_test_epoch = after_val_epoch
+
+    return MetricsHook()
+
+
+def build_runner(cfg):
+    """`Runner.from_cfg(cfg)` (or the config's `runner_type`) with the metrics hook; returns (runner, hook)."""
+    from mmengine.registry import RUNNERS
+    from mmengine.runner import Runner
+
+    allow_mmengine_checkpoints()
+    runner = RUNNERS.build(cfg) if "runner_type" in cfg else Runner.from_cfg(cfg)
+    metrics = _metrics_hook()
+    runner.register_hook(metrics, priority=metrics.priority)
+    return runner, metrics
+
+
+def run(cfg, *, eval_only: bool = False) -> dict[str, float]:
+    """Train (validating as the config says) or only evaluate; returns the latest COCO metrics."""
+    prepare_data(cfg, train=not eval_only)
+    runner, metrics = build_runner(cfg)
+    if eval_only:
+        runner.test()
+    else:
+        runner.train()
+    return metrics.metrics
+
+
+def main_guard(fn, *args, **kwargs):
+    """Run fn; unusable mmcv/mmdet, missing data or unloadable weights end the program with one clear line.
+
+    Weights errors are the common loader's `CheckpointError`s (file, key, shapes, the option to set), raised
+    when the Runner initialises the backbone, exactly as `backbones.load_pretrained` words them.
+    """
+    from backbones.checkpoints.loader import CheckpointError
+
+    try:
+        return fn(*args, **kwargs)
+    except (MMDetUnavailable, DatasetNotFound, CheckpointError) as e:
+        sys.exit(f"error: {e}")
