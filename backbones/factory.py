@@ -74,8 +74,8 @@ def build_pretrained(
 ) -> tuple[nn.Module, LoadReport, str, dict]:
     """`create_pretrained`, also returning the report, the model name and the options it was built with.
 
-    `strict`, `map_location`, `trusted`, `format`, `ema`, `prefix` and `allow_nonfinite` are `load_pretrained`'s; `overrides` are
-    model options on top of what the checkpoint needs.
+    `strict`, `map_location`, `trusted`, `format`, `ema`, `prefix` and `allow_nonfinite` are `load_pretrained`'s;
+    `overrides` are model options on top of what the checkpoint needs.
     """
     checkpoint = read_checkpoint(source, map_location=map_location, trusted=trusted)
     record = checkpoint.record

@@ -99,6 +99,22 @@ class CIFARDataModule(ClassificationDataModule):
     def num_classes(self) -> int:
         return self.spec.num_classes
 
+    @property
+    def display_names(self) -> list[str]:
+        """The class names (`synthetic_i` for the generated data), read from the dataset's meta file."""
+        if self.class_names is not None:
+            return list(self.class_names)
+        hp = self.hparams
+        if hp.synthetic:
+            return [f"synthetic_{i}" for i in range(self.num_classes)]
+        return load_class_names(hp.root, self.spec, hp.verify_md5)
+
+    @property
+    def eval_preprocessing(self) -> dict[str, Any]:
+        """The dataset's own mean and std; the 32 x 32 images are seen whole (no resize, no crop)."""
+        mean, std = STATS[self.hparams.dataset]
+        return {"mean": mean, "std": std, "crop_size": 32, "resize_size": 32}
+
     def prepare_data(self) -> None:
         """Download only when asked, once per node (Lightning calls this on one process)."""
         hp = self.hparams
@@ -115,11 +131,7 @@ class CIFARDataModule(ClassificationDataModule):
         # one seed on every DDP rank: the draws are a function of the sample index, which sets the ranks apart
         self.batch_augment = BatchAugment(mean, std, seed=data_seed())
         if self.val_set is None:
-            self.class_names = (
-                [f"synthetic_{i}" for i in range(self.num_classes)]
-                if hp.synthetic
-                else load_class_names(hp.root, self.spec, hp.verify_md5)
-            )
+            self.class_names = self.display_names
             self.val_set = CIFARImages(*self._split(train=False), eval_transform(mean, std) if per_image else None)
         if stage in (None, "fit") and self.train_set is None:
             self.train_set = CIFARImages(*self._split(train=True), train_transform(mean, std) if per_image else None)

@@ -162,7 +162,9 @@ class ClassificationCLI(LightningCLI):
         trainer = self.trainer
         curves = next((cb for cb in trainer.callbacks if isinstance(cb, TrainingCurves)), None)
         if curves is not None and 0 <= curves.last_val_step != trainer.global_step:
-            say(f"training ended at step {trainer.global_step}, after the last validation: validating the final weights")
+            say(
+                f"training ended at step {trainer.global_step}, after the last validation: validating the final weights"
+            )
             trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
 
 
@@ -199,7 +201,9 @@ def main(datamodule_class: type[LightningDataModule], *user_errors: type[Excepti
         if world == 1 or not _peer_failed(e):
             raise
         first = next(iter(str(e).strip().splitlines()), type(e).__name__)
-        sys.exit(f"error (rank {rank} of {world}): stopped because another process of this run failed; its error is above ({first})")
+        sys.exit(
+            f"error (rank {rank} of {world}): stopped: another process of this run failed, its error is above ({first})"
+        )
 
 
 def run_cli(

@@ -40,7 +40,7 @@ from backbones.analysis import (
 )
 from backbones.fileio.atomic import atomic_write
 
-from .inference import Classifier, load_classifier
+from .inference import Classifier, load_classifier, run_name
 from .samples import DataError
 
 
@@ -199,7 +199,7 @@ def figure_table(rows: list[PruningRow], path: str | Path, title: str = "") -> N
     import matplotlib.pyplot as plt
 
     header, cells = _table_cells(rows)
-    fig, ax = plt.subplots(figsize=(8, 0.3 * (len(rows) + 1) + 0.4))
+    fig, ax = plt.subplots(figsize=(6, 0.3 * (len(rows) + 1) + 0.4))
     ax.axis("off")
     table = ax.table(cellText=cells, colLabels=header, loc="center", cellLoc="right", colLoc="right")
     table.auto_set_font_size(False)
@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> tuple[ExcitationStats, list[PruningRo
         sys.exit(f"error: {e}")
     figure_classes(stats, classes, classifier.class_names, out / "excitation_fig6.png")
     figure_spread(stats, classes[0], classifier.class_names, out / "excitation_fig7.png")
-    title = f"{Path(args.checkpoint).name}: {int(stats.counts.sum())} validation images"
+    title = f"{run_name(args.checkpoint)}: {int(stats.counts.sum())} validation images"
     figure_table(rows, out / "pruning.png", title)
     write_outputs(out, stats, rows)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -71,6 +72,11 @@ class ImageFolderDataModule(ClassificationDataModule):
 
     def val_samples(self) -> SampleTable:
         raise NotImplementedError
+
+    @property
+    def eval_preprocessing(self) -> dict[str, Any]:
+        hp = self.hparams
+        return {"mean": hp.mean, "std": hp.std, "crop_size": hp.crop_size, "resize_size": hp.resize_size}
 
     # --- datasets ------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:

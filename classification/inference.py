@@ -2,9 +2,11 @@
 
 `load_classifier(path)` reads
 - a Lightning checkpoint of the trainers (tools/train_{cifar,places365,imagenet}.py): the network from the
-  model hyperparameters, the preprocessing and the class names from the DataModule's (CIFAR: the dataset's
-  mean and std at 32 x 32; Places365 / ImageNet: mean, std, resize_size and crop_size), which also rebuild the
-  run's validation data (`Classifier.datamodule()`);
+  model hyperparameters; the DataModule class that the checkpoint records (its `state_dict`, a class path),
+  imported by that path and rebuilt from its hyperparameters, tells the preprocessing (`eval_preprocessing`)
+  and the class names (`display_names`), and rebuilds the run's validation data (`Classifier.datamodule()`).
+  This layer imports no task package: each DataModule describes itself. A checkpoint written before the
+  DataModules recorded their class is refused with a DataError that says what to do;
 - any checkpoint `backbones` loads (ours, safetensors + JSON, records its model and `preprocessing`; a
   foreign one needs `model=` its registry name and gets the ImageNet preprocessing).
 """
@@ -25,6 +27,7 @@ from torch import nn
 from backbones import CifarResNet, create_model, create_pretrained, read_checkpoint
 from backbones.checkpoints.export import IMAGENET_PREPROCESSING
 
+from .loaders import ClassificationDataModule
 from .samples import IMAGE_SUFFIXES, DataError
 from .transforms import build_eval_transform, normalize, read_image
 
@@ -58,44 +61,63 @@ class Preprocessing:
 @dataclass
 class Classifier:
     """A network in eval mode, its class names (by index) and preprocessing; `data` holds the training run's
-    DataModule hyperparameters when the checkpoint recorded them."""
+    DataModule hyperparameters and `datamodule_class` its class when the checkpoint recorded them."""
 
     model: nn.Module
     class_names: list[str]
     preprocessing: Preprocessing
     source: str
     data: dict[str, Any] | None = None
+    datamodule_class: type[ClassificationDataModule] | None = field(default=None, repr=False)
     _datamodule: Any = field(default=None, repr=False)
 
-    def datamodule(self, **overrides: Any):
+    def datamodule(self, **overrides: Any) -> ClassificationDataModule:
         """The training run's DataModule (with `overrides`), set up for evaluation; DataError without one."""
         if self._datamodule is None or overrides:
-            if self.data is None:
+            if self.data is None or self.datamodule_class is None:
                 raise DataError(f"{self.source} records no training data (not a Lightning checkpoint of the trainers)")
-            self._datamodule = datamodule_from_hparams({**self.data, **overrides})
+            dm = datamodule_from_hparams(self.datamodule_class, {**self.data, **overrides})
+            dm.prepare_data()  # writes a generated dataset (the synthetic Places365 release) when it is gone
+            dm.setup("validate")
+            self._datamodule = dm
         return self._datamodule
 
 
-def datamodule_from_hparams(hparams: dict[str, Any]):
-    """The DataModule that saved `hparams` (a Lightning checkpoint's `datamodule_hyper_parameters`), ready for
-    validation: its kind is told by its arguments (CIFAR's `dataset`, Places365's `train_set`, else ImageNet)."""
-    from cifar.data import CIFARDataModule
-    from places365 import Places365DataModule
-    from places365.synthetic import SyntheticPlaces365
+def datamodule_from_hparams(cls: type[ClassificationDataModule], hparams: dict[str, Any]) -> ClassificationDataModule:
+    """DataModule `cls` rebuilt from the `hparams` it saved (a checkpoint's `datamodule_hyper_parameters`; the
+    CLI's private `_instantiator` / `_class_path` entries left out); not set up."""
+    return cls(**{k: v for k, v in hparams.items() if not k.startswith("_")})
 
-    from .imagenet import ImageNetDataModule
 
-    hp = {k: v for k, v in hparams.items() if not k.startswith("_")}
-    if "dataset" in hp:
-        dm = CIFARDataModule(**hp)
-    elif "train_set" in hp:
-        synthetic = hp.pop("synthetic", None)
-        dm = Places365DataModule(**hp, synthetic=SyntheticPlaces365(**synthetic) if synthetic else None)
-    else:
-        dm = ImageNetDataModule(**hp)
-    dm.prepare_data()  # writes the synthetic Places365 release when it is gone
-    dm.setup("validate")
-    return dm
+def recorded_datamodule_class(ckpt: dict, source: str) -> type[ClassificationDataModule] | None:
+    """The DataModule class a Lightning checkpoint records (its `state_dict`, saved under the class's qualname:
+    {"class_path": "<module>.<qualname>"}); None when it records none.
+
+    Only a class this process has already imported counts (the tools import the trainers' DataModules, as
+    Lightning resolves only classes it knows): a checkpoint's text never decides which module gets imported, since
+    importing runs that module's code. DataError for a record of any other class.
+    """
+    records = {
+        qualname: state["class_path"]
+        for qualname, state in ckpt.items()
+        if isinstance(state, dict) and str(state.get("class_path", "")).endswith(f".{qualname}")
+    }
+    if not records:
+        return None
+    if len(records) > 1:
+        raise DataError(f"{source}: records more than one DataModule class: {', '.join(records.values())}")
+    (path,) = records.values()
+    known = {f"{c.__module__}.{c.__qualname__}": c for c in _subclasses(ClassificationDataModule)}
+    if path not in known:
+        raise DataError(
+            f"{source}: its DataModule {path} is not one of the DataModules loaded here ({', '.join(sorted(known))}); "
+            "import its module first"
+        )
+    return known[path]
+
+
+def _subclasses(cls: type) -> list[type]:
+    return [sub for direct in cls.__subclasses__() for sub in (direct, *_subclasses(direct))]
 
 
 def load_classifier(
@@ -150,69 +172,40 @@ def _from_lightning(ckpt: dict, source: str, model: str | None) -> Classifier:
     net = create_model(name, **{"num_classes": hp["num_classes"], **(hp.get("model_options") or {})})
     net.load_state_dict({k[6:]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")})
     data = ckpt.get("datamodule_hyper_parameters")
-    if not data:
-        return Classifier(net, [], Preprocessing(*_imagenet_stats(), 224, 256), source)
-    return Classifier(net, _class_names(data), _preprocessing(data), source, dict(data))
-
-
-def _imagenet_stats() -> tuple[tuple[float, ...], tuple[float, ...]]:
-    return tuple(IMAGENET_PREPROCESSING["mean"]), tuple(IMAGENET_PREPROCESSING["std"])
-
-
-def _preprocessing(data: dict) -> Preprocessing:
-    if "dataset" in data:  # CIFAR: the dataset's own statistics, no resizing
-        from cifar.data import STATS
-
-        mean, std = STATS[data["dataset"]]
-        return Preprocessing(tuple(mean), tuple(std), 32, 32)
-    mean, std = _imagenet_stats()
-    return Preprocessing(
-        tuple(data.get("mean", mean)),
-        tuple(data.get("std", std)),
-        data.get("crop_size", 224),
-        data.get("resize_size", 256),
-    )
-
-
-def _class_names(data: dict) -> list[str]:
-    """The run's class names, read as its DataModule reads them; [] when its files are not here."""
-    from cifar.files import SPECS, CIFARFormatError, load_class_names
-    from places365.lists import CATEGORIES_FILE, read_categories, short_name
-    from places365.synthetic import SHARED_CATEGORIES
-
+    if not data:  # trained without a DataModule: nothing tells the preprocessing, the ImageNet one is assumed
+        mean, std = tuple(IMAGENET_PREPROCESSING["mean"]), tuple(IMAGENET_PREPROCESSING["std"])
+        return Classifier(net, [], Preprocessing(mean, std, 224, 256), source)
+    cls = recorded_datamodule_class(ckpt, source)
+    if cls is None:
+        raise DataError(
+            f"{source}: written before checkpoints recorded their DataModule class, so its preprocessing and "
+            "class names are unknown; add {'class_path': '<module>.<DataModule class>'} under the class's name"
+        )
+    dm = datamodule_from_hparams(cls, data)
+    pre = dm.eval_preprocessing
+    preprocessing = Preprocessing(tuple(pre["mean"]), tuple(pre["std"]), int(pre["crop_size"]), int(pre["resize_size"]))
     try:
-        if "dataset" in data:
-            spec = SPECS[data["dataset"]]
-            if data.get("synthetic"):
-                return [f"synthetic_{i}" for i in range(spec.num_classes)]  # as CIFARDataModule names them
-            return load_class_names(data["root"], spec)
-        if "train_set" in data:  # Places365: the devkit file, or the copy in shared/ the synthetic data uses
-            candidates = [data.get("categories_file"), Path(data["root"]) / CATEGORIES_FILE, *SHARED_CATEGORIES]
-            found = next(Path(p) for p in candidates if p and Path(p).is_file())
-            return [short_name(c) for c in read_categories(found)]
-        from .imagenet import ImageNetDataModule
-
-        return ImageNetDataModule(data["root"]).class_names
-    except (DataError, CIFARFormatError, OSError, StopIteration, KeyError):
-        return []
+        names = dm.display_names
+    except (DataError, OSError, ValueError, KeyError):  # the run's files are not here: class_i names
+        names = []
+    return Classifier(net, names, preprocessing, source, dict(data), cls)
 
 
 def read_labels(path: str | os.PathLike) -> list[str]:
-    """Class names by index: one per line, or `<name> <index>` lines in index order (Places365's categories)."""
+    """Class names by index: one per line, or `<name> <index>` lines in index order (Places365's categories:
+    their names are taken as written, `/a/airfield`)."""
     names = []
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         fields = line.split()
         if fields:
-            name = fields[0] if len(fields) == 2 and fields[1].isdigit() else line.strip()
-            names.append(display_name(name))
+            names.append(fields[0] if len(fields) == 2 and fields[1].isdigit() else line.strip())
     return names
 
 
-def display_name(name: str) -> str:
-    """A category as shown: Places365's `/a/apartment_building/outdoor` as `apartment_building/outdoor`."""
-    from places365.lists import short_name
-
-    return short_name(name) if name.startswith("/") else name
+def run_name(path: str | os.PathLike) -> str:
+    """A checkpoint as a title: `.../cifar10_synthetic/checkpoints/last.ckpt` -> `cifar10_synthetic/last.ckpt`."""
+    path = Path(path)
+    return f"{path.parent.parent.name}/{path.name}" if path.parent.name == "checkpoints" else path.name
 
 
 def image_paths(inputs: Iterable[str | os.PathLike]) -> Iterator[Path]:

@@ -28,6 +28,7 @@ import cv2
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, get_worker_info
 
 
@@ -93,19 +94,23 @@ class ResumableDataLoader(DataLoader):
     images are never loaded) and yields the rest. That is the uninterrupted run's remainder when the
     sampler's order is a function of (seed, epoch): EpochRandomSampler, Lightning's DistributedSampler under
     DDP, or no shuffling. A checkpoint from an epoch's end resumes in the next epoch, which skips nothing.
+    Under DDP the state also holds "replicas", the process count: each rank skips its own share's batches, and
+    the shares depend on it, so resuming mid-epoch on another count warns that the rest of that epoch is not
+    the interrupted one's remainder (later epochs are whole).
     """
 
     # class defaults: Lightning re-creates the loader from its constructor arguments (DDP sampler swap)
     _yielded = 0  # batches yielded by the current pass
     _epoch: int | None = None  # the sampler's epoch in the current pass
     _skip = 0  # batches the current pass leaves out
-    _resume: tuple[int | None, int] | None = None  # (epoch, batches) from a checkpoint, for the next pass
+    _resume: dict[str, Any] | None = None  # a checkpoint's state, for the next pass
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self._epoch, "batches": self._yielded}
+        replicas = getattr(self.sampler, "num_replicas", 1)
+        return {"epoch": self._epoch, "batches": self._yielded, **({"replicas": replicas} if replicas > 1 else {})}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._resume = (state_dict["epoch"], state_dict["batches"])
+        self._resume = state_dict
 
     def __iter__(self):
         return self._pass()
@@ -115,7 +120,14 @@ class ResumableDataLoader(DataLoader):
         # set_epoch, and worker processes draw the sampler's order as soon as the iterator exists.
         epoch = getattr(self.sampler, "epoch", None)
         resume, self._resume = self._resume, None
-        self._skip = resume[1] if resume is not None and resume[0] == epoch else 0
+        self._skip = resume["batches"] if resume is not None and resume["epoch"] == epoch else 0
+        replicas = getattr(self.sampler, "num_replicas", 1)
+        if self._skip and resume.get("replicas", 1) != replicas:
+            rank_zero_warn(
+                f"resuming mid-epoch {epoch} on {replicas} process(es) from a checkpoint of "
+                f"{resume.get('replicas', 1)}: each process skips {self._skip} batches of its own share, so the "
+                "rest of this epoch is not the interrupted run's (some samples come twice, others not at all)"
+            )
         self._epoch, self._yielded = epoch, self._skip
         for batch in super().__iter__():
             self._yielded += 1
@@ -171,7 +183,8 @@ class ClassificationDataModule(LightningDataModule):
 
     A subclass builds `train_set` (in `setup("fit")`) and `val_set`. Validation and test both read `val_set`:
     CIFAR's test split (the paper's protocol), the labelled validation set of Places365 and ImageNet (their
-    test labels are not public).
+    test labels are not public). For prediction from its checkpoints, a subclass also tells its class names
+    (`display_names`) and its evaluation preprocessing (`eval_preprocessing`); `state_dict` records the class.
 
     Args:
         batch_size: training images PER DEVICE, not global (as DDP does): each of the trainer's processes
@@ -186,6 +199,26 @@ class ClassificationDataModule(LightningDataModule):
         self.save_hyperparameters()  # a subclass's own arguments too: it collects every __init__ up the MRO
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+
+    # --- what a trained network needs to be used again (classification.inference) -------------------
+    def state_dict(self) -> dict[str, Any]:
+        """{"class_path": "<module>.<qualname>"}: the class that wrote the checkpoint. Lightning saves it under
+        the class's qualname; `classification.inference` imports the class by this path and rebuilds it from
+        the checkpoint's `datamodule_hyper_parameters`. A subclass with state of its own adds to this dict."""
+        cls = type(self)
+        return {"class_path": f"{cls.__module__}.{cls.__qualname__}"}
+
+    @property
+    def display_names(self) -> list[str]:
+        """The class names by index, as shown to a person; read without `setup` (DataError or OSError when the
+        files that hold them are not here). Default: `class_names`."""
+        return list(self.class_names)
+
+    @property
+    def eval_preprocessing(self) -> dict[str, Any]:
+        """What evaluation does to an image: {"mean", "std" (RGB, 0..1 units), "crop_size", "resize_size"}:
+        shorter side to resize_size, centre crop crop_size, (x / 255 - mean) / std."""
+        raise NotImplementedError(f"{type(self).__name__} does not describe its evaluation preprocessing")
 
     @property
     def world(self) -> tuple[int, int]:

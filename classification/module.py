@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import nn
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from backbones import UntrustedCheckpointError, create_model, load_pretrained
@@ -153,6 +153,10 @@ class ClassificationModule(LightningModule):
         # no compute groups: top-1 and top-5 states can be equal after the first batch, and would then be merged
         metrics = MetricCollection({f"top{k}": m for k, m in accuracy.items()}, compute_groups=False)
         self.metrics = nn.ModuleDict({stage: metrics.clone(prefix=f"{stage}/") for stage in ("val", "test")})
+        # the mean of the per-sample losses, reduced over the ranks as the errors are. Lightning's sync_dist mean
+        # is not exact when the ranks hold unequal sample counts (its gloo mean truncates the summed count), as
+        # evaluation shares are. "disable": no NaN check, which would make the host wait for the device per batch
+        self.losses = nn.ModuleDict({stage: MeanMetric(nan_strategy="disable") for stage in ("val", "test")})
 
     def setup(self, stage: str) -> None:
         data_classes = getattr(self.trainer.datamodule, "num_classes", None)
@@ -202,8 +206,9 @@ class ClassificationModule(LightningModule):
         probs = self.model(x.flatten(0, 1)).float().softmax(1).view(n, k, -1).mean(1)
         return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
 
-    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float(), target, label_smoothing=self.hparams.label_smoothing)
+    def loss(self, logits: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        smoothing = self.hparams.label_smoothing
+        return F.cross_entropy(logits.float(), target, label_smoothing=smoothing, reduction=reduction)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, target = batch
@@ -221,15 +226,18 @@ class ClassificationModule(LightningModule):
     def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
         images, target = batch
         logits = self(images)
-        self.log(f"{stage}/loss", self.loss(logits, target), sync_dist=True, batch_size=len(target))
+        self.losses[stage].update(self.loss(logits, target, reduction="none"))
         self.metrics[stage].update(logits, target)
 
     def _log_errors(self, stage: str) -> None:
-        # compute() all-reduces the counts across ranks; error in percent as the paper reports it. The value is
-        # then the same on every rank: the max of equal numbers is exact (and spares Lightning's sync_dist warning)
-        for name, accuracy in self.metrics[stage].compute().items():
-            error = (1.0 - accuracy) * 100
-            self.log(f"{name}_error", error, prog_bar=name.endswith("top1"), sync_dist=True, reduce_fx="max")
+        # compute() all-reduces the sums and counts across ranks; error in percent as the paper reports it. The
+        # values are then the same on every rank: the max of equal numbers is exact (and spares Lightning's
+        # warning about epoch values logged without sync_dist)
+        values = {f"{stage}/loss": self.losses[stage].compute()}
+        values |= {f"{name}_error": (1.0 - accuracy) * 100 for name, accuracy in self.metrics[stage].compute().items()}
+        for name, value in values.items():
+            self.log(name, value, prog_bar=name.endswith("top1_error"), sync_dist=True, reduce_fx="max")
+        self.losses[stage].reset()
         self.metrics[stage].reset()
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:

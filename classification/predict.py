@@ -32,7 +32,7 @@ from backbones import CheckpointError
 from backbones.fileio.atomic import atomic_write
 
 from .cam import class_activation_maps, features_and_logits, overlay, write_png
-from .inference import Classifier, display_name, image_paths, load_classifier, read_images, validation_samples
+from .inference import Classifier, image_paths, load_classifier, read_images, run_name, validation_samples
 from .samples import DataError
 
 IO_TOP = 10  # the release votes over the 10 most likely classes
@@ -55,7 +55,8 @@ class Prediction:
 def read_io_labels(path: str | Path, class_names: list[str] | None = None) -> np.ndarray:
     """The release's IO_places365.txt: `<category> <1|2>` per class, in class order -> (K,) int array.
 
-    With `class_names` the count must match, and so must each line's category where the names are real ones.
+    With `class_names` the count must match, and so must each line's category where the names are real ones:
+    the line's name is the class name, or ends in `/<class name>` (`/a/airfield` for the DataModule's `airfield`).
     """
     labels, names = [], []
     for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
@@ -69,12 +70,19 @@ def read_io_labels(path: str | Path, class_names: list[str] | None = None) -> np
     if class_names is not None:
         if len(labels) != len(class_names):
             raise DataError(f"{path}: {len(labels)} classes, the model has {len(class_names)}")
-        ours = [display_name(n) for n in names]
-        wrong = [(i, a, b) for i, (a, b) in enumerate(zip(ours, class_names, strict=True)) if a != b]
+        wrong = [(i, a, b) for i, (a, b) in enumerate(zip(names, class_names, strict=True)) if not _same(a, b)]
         if wrong and not class_names[0].startswith("class_"):
             i, a, b = wrong[0]
-            raise DataError(f"{path}: class {i} is {a!r} there but {b!r} in the model's categories")
+            # the line's name in the model's form: as many trailing path parts as the class name has
+            shown = a if b.startswith("/") else "/".join(a.split("/")[-1 - b.count("/") :])
+            raise DataError(f"{path}: class {i} is {shown!r} there but {b!r} in the model's categories")
     return np.asarray(labels)
+
+
+def _same(written: str, name: str) -> bool:
+    """A category as a file writes it (`/a/apartment_building/outdoor`) names class `name`
+    (`apartment_building/outdoor`, or the same path)."""
+    return written == name or written.endswith(f"/{name}")
 
 
 def io_vote(probabilities: np.ndarray, io_labels: np.ndarray) -> tuple[float, str]:
@@ -95,16 +103,15 @@ def predict(
     batch_size: int = 32,
 ) -> list[Prediction]:
     """Predict every (name, (H, W, 3) uint8 RGB, label or None) image; with `cam_dir`, write the CAM of each
-    image's top class over the crop the network saw, as `<cam_dir>/<NNN>_<name>.png`."""
+    image's top class over the crop the network saw, as `<cam_dir>/<NNN>_<name>.png` (or as `cam_dir` itself
+    when it names a .png and there is one image)."""
+    images = list(images)
+    if cam_dir is not None and str(cam_dir).lower().endswith(".png") and len(images) != 1:
+        raise DataError(f"--cam {cam_dir} names one file, but there are {len(images)} images")
     results: list[Prediction] = []
-    batch: list[tuple[str, np.ndarray, int | None]] = []
-    for item in images:
-        batch.append(item)
-        if len(batch) == batch_size:
-            results += _predict_batch(classifier, batch, top_k, io_labels, cam_dir, len(results))
-            batch = []
-    if batch:
-        results += _predict_batch(classifier, batch, top_k, io_labels, cam_dir, len(results))
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size]
+        results += _predict_batch(classifier, batch, top_k, io_labels, cam_dir, start)
     return results
 
 
@@ -129,7 +136,8 @@ def _predict_batch(classifier, batch, top_k, io_labels, cam_dir, offset) -> list
             pred.io_mean, pred.environment = io_vote(probs[i].cpu().numpy(), io_labels)
         if cams is not None:
             stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(name).stem).strip("_")
-            pred.cam = str(Path(cam_dir) / f"{offset + i:03d}_{stem}.png")
+            single = str(cam_dir).lower().endswith(".png")
+            pred.cam = str(cam_dir) if single else str(Path(cam_dir) / f"{offset + i:03d}_{stem}.png")
             write_png(pred.cam, overlay(crops[i], cams[i]))
         out.append(pred)
     return out
@@ -146,9 +154,9 @@ def table(predictions: list[Prediction], class_names: list[str], title: str = ""
     t.add_column("image", overflow="fold")
     labelled = any(p.label is not None for p in predictions)
     if labelled:
-        t.add_column("label")
+        t.add_column("label", overflow="fold")
     for rank in range(1, max(len(p.top) for p in predictions) + 1):
-        t.add_column(f"top-{rank}" if rank == 1 else str(rank))
+        t.add_column(f"top-{rank}" if rank == 1 else str(rank), overflow="fold")
     if any(p.environment for p in predictions):
         t.add_column("indoor/outdoor")
     shown = _short_paths([p.image for p in predictions])
@@ -164,12 +172,9 @@ def table(predictions: list[Prediction], class_names: list[str], title: str = ""
 
 
 def _short_paths(images: list[str]) -> list[str]:
-    """Image paths without the folder they all share (the table's column stays narrow)."""
-    files = [os.path.dirname(i) for i in images if os.path.sep in i]
-    if len(files) < len(images) or not files:
-        return images
-    common = os.path.commonpath(files)
-    return [os.path.relpath(i, common) for i in images]
+    """The file names when they tell the images apart, else the paths (the table's column stays narrow)."""
+    names = [os.path.basename(i) for i in images]
+    return names if len(set(names)) == len(names) else images
 
 
 def write_csv(path: str | Path, predictions: list[Prediction]) -> None:
@@ -210,7 +215,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--io", metavar="FILE", help="IO_places365.txt: add the indoor/outdoor vote")
-    parser.add_argument("--cam", metavar="DIR", help="write the class activation map of each top class here")
+    parser.add_argument(
+        "--cam",
+        metavar="DIR",
+        help="write the class activation map of each top class here (or into DIR.png for one image)",
+    )
     parser.add_argument("--csv", metavar="FILE", help="write the predictions as CSV")
     parser.add_argument("--json", metavar="FILE", help="write the predictions as JSON")
     parser.add_argument("--labels", metavar="FILE", help="class names, one per line (or '<name> <index>' lines)")
@@ -239,13 +248,14 @@ def main(argv: list[str] | None = None) -> list[Prediction]:
     from rich.console import Console
 
     console = Console()
-    console.print(table(predictions, classifier.class_names, title=Path(args.checkpoint).name))
+    console.print(table(predictions, classifier.class_names, title=run_name(args.checkpoint)))
     known = [p for p in predictions if p.label is not None]
     if known:
         right = sum(p.top[0][0] == p.label for p in known)
         console.print(f"top-1 correct on the labelled images: {right}/{len(known)}")
     if args.cam:
-        console.print(f"class activation maps: {args.cam}/")
+        where = args.cam if args.cam.lower().endswith(".png") else f"{args.cam}/"
+        console.print(f"class activation maps: {where}")
     for path, writer in ((args.csv, write_csv), (args.json, write_json)):
         if path:
             writer(path, predictions)

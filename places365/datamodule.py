@@ -22,8 +22,8 @@ from typing import Literal
 from classification.imagefolder import ImageFolderDataModule
 from classification.samples import DataError, SampleTable, scan_class_folders
 
-from .lists import CATEGORIES_FILE, NUM_CLASSES, folder_class_ids, read_categories, read_image_list
-from .synthetic import SyntheticPlaces365, make_synthetic_places365
+from .lists import CATEGORIES_FILE, NUM_CLASSES, folder_class_ids, read_categories, read_image_list, short_name
+from .synthetic import SHARED_CATEGORIES, SyntheticPlaces365, make_synthetic_places365
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,8 @@ class Places365DataModule(ImageFolderDataModule):
             these that exists, for each split.
         layout: "lists", "easyformat", or "auto" (lists when the root holds places365_*.txt files).
         categories_file: the devkit's categories_places365.txt (default: in root).
-        synthetic: write a small generated release into root in prepare_data when root holds none (smoke run).
+        synthetic: write a small generated release into root in prepare_data when root holds none (smoke run);
+            also its fields as a dict (how the hyperparameters save it, so a checkpoint's rebuild it).
     """
 
     num_classes = NUM_CLASSES
@@ -57,6 +58,8 @@ class Places365DataModule(ImageFolderDataModule):
     ):
         # the loader, batch and augmentation options are the base classes' (LightningCLI resolves **kwargs)
         super().__init__(root, **kwargs)
+        if isinstance(synthetic, dict):  # the saved hyperparameters of a checkpoint: checked by the dataclass
+            synthetic = SyntheticPlaces365(**synthetic)
         if synthetic is not None:  # plain types only: checkpoints must load with weights_only=True
             self.hparams["synthetic"] = asdict(synthetic)
 
@@ -69,11 +72,25 @@ class Places365DataModule(ImageFolderDataModule):
     @cached_property
     def class_names(self) -> list[str]:
         """The 365 category names by class id, as the categories file writes them (`/a/airfield`)."""
-        categories = self.hparams.categories_file
-        path = Path(categories) if categories else Path(self.root) / CATEGORIES_FILE
+        path = self._categories_path()
         if not path.is_file():
             raise DataError(f"{path} not found: pass the devkit's {CATEGORIES_FILE} with --data.categories_file")
         return read_categories(path, NUM_CLASSES)
+
+    @property
+    def display_names(self) -> list[str]:
+        """The category names without the index letter (`apartment_building/outdoor`); when the run's categories
+        file is not here (nor its data), those of the devkit copy in shared/ that the synthetic release copies."""
+        if self._categories_path().is_file():
+            return [short_name(c) for c in self.class_names]
+        found = next((p for p in SHARED_CATEGORIES if p.is_file()), None)
+        if found is None:
+            raise DataError(f"{self._categories_path()} not found, nor a copy in shared/ ({SHARED_CATEGORIES[0]})")
+        return [short_name(c) for c in read_categories(found, NUM_CLASSES)]
+
+    def _categories_path(self) -> Path:
+        categories = self.hparams.categories_file
+        return Path(categories) if categories else Path(self.root) / CATEGORIES_FILE
 
     def train_samples(self) -> SampleTable:
         return self._samples("train")

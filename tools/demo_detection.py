@@ -18,6 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 # mmengine 0.10 imports pkg_resources; its deprecation notice says nothing to a user of this tool
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+# DetInferencer's visualiser asks for a save_dir it never needs here: the demo writes its own pictures
+warnings.filterwarnings(
+    "ignore", message="Failed to add <class 'mmengine.visualization.vis_backend", category=UserWarning
+)
 
 from detection.demo import main  # noqa: E402
 

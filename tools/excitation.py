@@ -16,6 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+import cifar  # noqa: E402, F401  (the trainers' DataModules: the classes a checkpoint may name)
+import places365  # noqa: E402, F401
 from classification.excitation import main  # noqa: E402
 
 if __name__ == "__main__":

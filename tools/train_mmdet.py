@@ -77,6 +77,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     mmdet_runner.check_mmdet()
+    # a missing, truncated or code-running file: one line here, not the Runner's traceback after the model is built
+    if isinstance(args.resume, str):
+        mmdet_runner.check_checkpoint(args.resume, "--resume")
+    if args.checkpoint:
+        mmdet_runner.check_checkpoint(args.checkpoint, "--checkpoint")
     cfg = mmdet_runner.load_config(
         args.config,
         cfg_options=mmdet_runner.parse_cfg_options(args.cfg_options),

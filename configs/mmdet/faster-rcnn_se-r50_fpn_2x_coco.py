@@ -10,23 +10,26 @@
 # (GPUs x 2) / 16 (auto_scale_lr.base_batch_size = 16 below), e.g. 4 GPUs -> 0.01.
 _base_ = "mmdet::faster_rcnn/faster-rcnn_r50_fpn_2x_coco.py"
 
-# Importing the module registers type="SEResNet" in mmdet's MODELS registry.
+# Importing the module registers type="SEResNet" in mmdet's MODELS registry and lets torch's weights-only loading
+# read MMEngine's checkpoints, so mmdet's own tools/test.py, DetInferencer and init_detector take this config as is.
 custom_imports = dict(imports=["detection.mmdet.backbone"], allow_failed_imports=False)
 
 model = dict(
     backbone=dict(
-        _delete_=True,  # replace mmdet's ResNet entirely (its keys are not ours)
-        type="SEResNet",
+        _delete_=True,  # every argument of the backbone is set here (mmdet's base names torchvision weights)
+        type="SEResNet",  # mmdet's ResNet arguments and state-dict layout, plus the SE blocks
         depth=50,
         # The SE blocks, as backbones.SEOptions fields (reduction, squeeze, gate, bias, divisor, placement,
         # stages); unnamed fields keep the paper's values. None builds the plain ResNet.
         se=dict(reduction=16),
-        style="pytorch",
+        style="pytorch",  # as mmdet's: stride in the 3x3 conv ("caffe": in the first 1x1)
+        with_cp=False,  # True: gradient checkpointing per block, for deeper SE-ResNets on small GPUs
         out_indices=(0, 1, 2, 3),
         frozen_stages=1,  # stem + res2 frozen, as mmdet's and Detectron's R50-FPN
         norm_cfg=dict(type="BN", requires_grad=True),
         norm_eval=True,  # ImageNet BN statistics kept: 2 images per GPU are too few to re-estimate them
-        # Any format backbones.load_pretrained reads: our checkpoints, timm, torchvision, Cadene, mmpretrain...
+        # Any format backbones.load_pretrained reads (our checkpoints, timm, torchvision, Cadene, mmpretrain, mmdet
+        # detectors with prefix="backbone.") or mmengine's zoo names (torchvision://resnet50) from torch's hub cache.
         init_cfg=dict(type="Pretrained", checkpoint="pretrained/se_resnet50.pth"),
     )
 )

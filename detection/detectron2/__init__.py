@@ -1,5 +1,6 @@
 """Detectron2 add-on: importing this package registers `build_se_resnet_backbone`, `build_se_resnet_fpn_backbone`
-and the synthetic datasets `senet_synthetic_train` / `senet_synthetic_val` (as detectron2's projects do)."""
+and the synthetic datasets `senet_synthetic_train` / `senet_synthetic_val` (as detectron2's projects do).
+`tools` runs detectron2's own tools on our configs (tools/d2_tool.py); `analysis` counts the SE ops' FLOPs."""
 
 from .backbone import SEResNet, build_se_resnet_backbone, build_se_resnet_fpn_backbone
 from .checkpoint import SENetCheckpointer

@@ -12,6 +12,11 @@
   set, `KEY VALUE` (MODEL.SENET.REDUCTION 8), through `CONFIG_KEYS`.
 - Whatever the file, every backbone tensor must be in it with the right shape, or nothing is loaded: detectron2
   itself only logs missing keys and skips mismatched shapes, which would leave a silently random backbone.
+- A detector checkpoint (a model_final.pth, a detectron2-zoo detector) must moreover cover the whole model: every
+  tensor of it, FPN and heads included, with the right shape, or nothing is loaded. An `--eval-only` of a detector
+  whose FPN or head widths differ would otherwise evaluate random heads and report AP 0. Fine-tuning from a
+  detector with other heads (another NUM_CLASSES) sets MODEL.ALLOW_PARTIAL_WEIGHTS True (`allow_partial`):
+  then only the backbone must be covered, and the heads detectron2 skips keep their initialisation.
 """
 
 from __future__ import annotations
@@ -36,6 +41,10 @@ from ..trunk import imagenet_weights
 from .backbone import SEResNet
 
 log = logging.getLogger(__name__)
+
+# `__author__` of the backbone weights `_convert_backbone` makes of an ImageNet checkpoint: they cover the backbone
+# only, by design
+CONVERTED = "senet-suite"
 
 # The flat option names of `OptionMismatchError.options` and the config keys that set them here
 CONFIG_KEYS = {
@@ -65,7 +74,15 @@ def check_weights_file(path: str) -> None:
 
 
 class SENetCheckpointer(DetectionCheckpointer):
-    """DetectionCheckpointer that also reads ImageNet backbone checkpoints and refuses partial backbone loads."""
+    """DetectionCheckpointer that also reads ImageNet backbone checkpoints and refuses partial loads.
+
+    `allow_partial` (MODEL.ALLOW_PARTIAL_WEIGHTS) lets a detector checkpoint miss, or mismatch, tensors outside
+    the backbone; the backbone must be covered whatever it says.
+    """
+
+    def __init__(self, model: Any, save_dir: str = "", *, allow_partial: bool = False, **checkpointables: Any):
+        super().__init__(model, save_dir, **checkpointables)
+        self.allow_partial = allow_partial
 
     def load(self, path: str, *args: Any, **kwargs: Any) -> dict:
         check_weights_file(path)
@@ -107,6 +124,8 @@ class SENetCheckpointer(DetectionCheckpointer):
             )
             checkpoint["matching_heuristics"] = False
         self._check_backbone_covered(checkpoint["model"])
+        if checkpoint.get("__author__") != CONVERTED and not self.allow_partial:
+            self._check_model_covered(checkpoint["model"])
         return super()._load_model(checkpoint)
 
     # ------------------------------------------------------------------------------------------------------
@@ -154,7 +173,7 @@ class SENetCheckpointer(DetectionCheckpointer):
             raise CheckpointError(f"MODEL.WEIGHTS {e}") from None
         log.info("ImageNet backbone: %s", report.summary())
         weights = {prefix + k: v for k, v in weights.items() if not k.endswith("num_batches_tracked")}
-        return {"model": weights, "__author__": "senet-suite", "matching_heuristics": False}
+        return {"model": weights, "__author__": CONVERTED, "matching_heuristics": False}
 
     def _check_preprocessing(self, checkpoint: Checkpoint) -> None:
         """The input the weights were trained on must be what the detector feeds them."""
@@ -203,6 +222,33 @@ class SENetCheckpointer(DetectionCheckpointer):
             + "\nIs it a detector of another architecture, or a backbone in detectron2's own names (res2.0.conv1)? "
             "Pass an ImageNet checkpoint backbones.load_pretrained reads (or one converted with "
             "tools/convert_checkpoint.py --to detectron2), or MODEL.WEIGHTS '' to train from scratch."
+        )
+
+    def _check_model_covered(self, weights: dict) -> None:
+        """Every tensor of the model in `weights` with its shape, else CheckpointError before anything is loaded."""
+        expected = {
+            k: tuple(v.shape) for k, v in self.model.state_dict().items() if not k.endswith("num_batches_tracked")
+        }
+        keys = {k.removeprefix("module."): v for k, v in weights.items()}
+        missing = [k for k in expected if k not in keys]
+        wrong = [
+            f"{k} {tuple(keys[k].shape)} vs {shape}"
+            for k, shape in expected.items()
+            if k in keys and tuple(keys[k].shape) != shape
+        ]
+        if not missing and not wrong:
+            return
+        where = getattr(self, "_filename", "the checkpoint")
+        found = []
+        if missing:
+            found.append(f"{len(missing)} of {len(expected)} tensors missing: {_few(missing, 4)}")
+        if wrong:
+            found.append(f"{len(wrong)} of other shape (checkpoint vs model): {_few(wrong, 4)}")
+        raise CheckpointError(
+            f"{where}: a detector checkpoint that does not fit this model; nothing was loaded. "
+            + "; ".join(found)
+            + ". Use the config it was trained with (FPN / head widths, NUM_CLASSES), or set "
+            "MODEL.ALLOW_PARTIAL_WEIGHTS True to fine-tune from it, leaving what does not fit initialised."
         )
 
 

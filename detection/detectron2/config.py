@@ -1,4 +1,4 @@
-"""`add_senet_config(cfg)`: the one config node this add-on adds, MODEL.SENET.
+"""`add_senet_config(cfg)`: the config this add-on adds, MODEL.SENET and MODEL.ALLOW_PARTIAL_WEIGHTS.
 
 Everything a plain ResNet has is read from detectron2's own keys: MODEL.RESNETS.DEPTH, NUM_GROUPS,
 WIDTH_PER_GROUP, NORM, STRIDE_IN_1X1, STEM_OUT_CHANNELS, RES2_OUT_CHANNELS, OUT_FEATURES and
@@ -42,4 +42,8 @@ def add_senet_config(cfg: CN) -> CN:
     # Stem max-pool without padding and in ceil mode, as the Caffe-style official weights (Cadene / timm
     # legacy_se*); they also need MODEL.RESNETS.STRIDE_IN_1X1 true. torchvision / timm weights: false.
     _C.MODEL.SENET.STEM_POOL_CEIL = False
+    # A detector checkpoint in MODEL.WEIGHTS must fit the whole model (every tensor, right shape) or nothing is
+    # loaded; true lets tensors outside the backbone be missing or of other shapes (fine-tuning a detector with
+    # other heads), which then keep their initialisation. The backbone must fit either way.
+    _C.MODEL.ALLOW_PARTIAL_WEIGHTS = False
     return cfg

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
+import time
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,13 +18,15 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.modeling import build_model
 from torch import nn
 
-from backbones.fileio.atomic import atomic_write
+from backbones.fileio.atomic import atomic_write, remove_stale_temp_files
 
 from .checkpoint import SENetCheckpointer, check_weights_file
 from .config import add_senet_config
 from .data import prepare_datasets
 
 METRICS_FILE = "coco_metrics.json"
+
+log = logging.getLogger(__name__)
 
 
 def get_config(config_file: str | os.PathLike, opts: Sequence[str] = ()) -> CfgNode:
@@ -44,7 +49,7 @@ def build_model_from_config(
     cfg = get_config(config_file, [*opts, "MODEL.DEVICE", device])
     model = build_model(cfg)
     if load_weights and cfg.MODEL.WEIGHTS:
-        SENetCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        SENetCheckpointer(model, allow_partial=cfg.MODEL.ALLOW_PARTIAL_WEIGHTS).load(cfg.MODEL.WEIGHTS)
     return model.eval()
 
 
@@ -67,16 +72,34 @@ class Trainer(DefaultTrainer):
         # DefaultTrainer.__init__ makes its DetectionCheckpointer just before it builds the hooks; ours takes its
         # place there, so the periodic saves (atomic) and resume_or_load (a resumed run's last checkpoint, else
         # MODEL.WEIGHTS, which may be an ImageNet checkpoint of ours) go through the one SENetCheckpointer.
-        self.checkpointer = SENetCheckpointer(self.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer = SENetCheckpointer(
+            self.model,
+            self.cfg.OUTPUT_DIR,
+            allow_partial=self.cfg.MODEL.ALLOW_PARTIAL_WEIGHTS,
+            trainer=weakref.proxy(self),
+        )
         return super().build_hooks()
 
 
 def write_metrics(cfg: CfgNode, results: dict) -> Path:
-    """COCO metrics {dataset: {"bbox": {"AP", "AP50", "AP75", "APs", "APm", "APl", "AP-<class>"...}}} as JSON."""
+    """COCO metrics {dataset: {"bbox": {"AP", "AP50", "AP75", "APs", "APm", "APl", "AP-<class>"...}}} as strict
+    JSON: an AP COCOeval cannot compute (no objects of that size or class: NaN) is null, which every parser reads
+    (a bare NaN is not JSON)."""
     if len(cfg.DATASETS.TEST) == 1 and cfg.DATASETS.TEST[0] not in results:
         results = {cfg.DATASETS.TEST[0]: results}  # DefaultTrainer.test unwraps a single dataset's results
-    text = json.dumps(results, indent=2) + "\n"
+    text = json.dumps(_finite_or_null(results), indent=2, allow_nan=False) + "\n"
     return atomic_write(Path(cfg.OUTPUT_DIR) / METRICS_FILE, lambda tmp: tmp.write_text(text))
+
+
+def _finite_or_null(obj):
+    """`obj` with every NaN / infinite float, however nested, replaced by None."""
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite_or_null(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def check(args) -> CfgNode:
@@ -104,11 +127,19 @@ def setup(args) -> CfgNode:
 
 
 def main(args) -> dict | None:
-    """Train (resuming with --resume) and evaluate, or evaluate only (--eval-only); one process per GPU."""
+    """Train (resuming with --resume) and evaluate, or evaluate only (--eval-only); one process per GPU.
+
+    First, rank 0 deletes the temporary files a run killed mid-save (kill -9, OOM killer) left in OUTPUT_DIR:
+    hidden `.<name>.<hex>.tmp` files of earlier runs only, whole checkpoints' size each."""
+    start = time.time()
     cfg = setup(args)
+    if comm.is_main_process():
+        for path in remove_stale_temp_files(cfg.OUTPUT_DIR, before=start):
+            log.info("Removed %s, left by a run killed while saving", path)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        SENetCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        checkpointer = SENetCheckpointer(model, cfg.OUTPUT_DIR, allow_partial=cfg.MODEL.ALLOW_PARTIAL_WEIGHTS)
+        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         return Trainer.test(cfg, model)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)

@@ -48,6 +48,9 @@ from .runner import allow_mmengine_checkpoints
 
 allow_mmengine_checkpoints()  # mmdet's tools load checkpoints weights-only once a config imports this module
 
+# Where an mmdet config gives this backbone its ImageNet checkpoint; load errors start with it
+INIT_CFG_KEY = "model.backbone.init_cfg"
+
 # The flat option names of `OptionMismatchError.options` and the config keys that set them here
 CONFIG_KEYS = {
     "se": "model.backbone.se",
@@ -185,13 +188,8 @@ class SEResNet(BaseModule):
         if stage_blocks is not None:
             geometry["layers"] = tuple(stage_blocks)
         norm_cfg = dict(type="BN", requires_grad=True) if norm_cfg is None else dict(norm_cfg)
-        norm_names = set()
-
-        def norm_layer(channels: int) -> torch.nn.Module:
-            name, layer = build_norm_layer(norm_cfg, channels)
-            norm_names.add(name)  # mmdet names each norm by its type: bn1, gn1, ...
-            return layer
-
+        self.norm_layer = partial(_norm_layer, norm_cfg)
+        self.norm_abbr = build_norm_layer(norm_cfg, stem_channels or base_channels)[0]  # mmdet's: bn, gn, ...
         self.feature_info = build_trunk(
             self,
             num_stages=max(out_indices) + 1,
@@ -202,12 +200,10 @@ class SEResNet(BaseModule):
             stride_in_1x1=style == "caffe",
             stem_pool_ceil=stem_pool_ceil,
             stem_width=stem_channels or base_channels,
-            norm_layer=norm_layer,
+            norm_layer=self.norm_layer,
             in_chans=in_channels,
         )
         init_trunk(self, zero_init_last=zero_init_residual)
-        self.norm_layer = norm_layer
-        (self.norm_abbr,) = norm_names
         if self.norm_abbr != "bn":  # our modules are bn1..bn3 whatever the norm; mmdet's files say gn1...
             self.register_state_dict_post_hook(partial(_rename_norms, "bn", self.norm_abbr))
             self.register_load_state_dict_pre_hook(partial(_rename_norms, self.norm_abbr, "bn"))
@@ -252,13 +248,17 @@ class SEResNet(BaseModule):
         for cfg in pretrained:
             if not cfg.get("checkpoint"):
                 continue  # checkpoint None / "": from scratch, like detectron2's MODEL.WEIGHTS ""
-            source, stride_in_1x1 = zoo_file(cfg["checkpoint"])
             options = {k: v for k, v in cfg.items() if k not in ("type", "checkpoint")}
-            load = partial(load_as_mmengine, norm_abbr=self.norm_abbr, stride_in_1x1=stride_in_1x1)
             try:
+                source, stride_in_1x1 = zoo_file(cfg["checkpoint"])
+                load = partial(load_as_mmengine, norm_abbr=self.norm_abbr, stride_in_1x1=stride_in_1x1)
                 weights, _ = imagenet_weights(self, source, norm_layer=self.norm_layer, load=load, **options)
             except OptionMismatchError as e:
-                raise OptionMismatchError(f"{e}{config_hint(e, self.arch['block'])}", e.options) from None
+                message = f"{INIT_CFG_KEY}: {e}{config_hint(e, self.arch['block'])}"
+                raise OptionMismatchError(message, e.options) from None
+            except CheckpointError as e:  # the file is named; the config key that named it is said here
+                e.args = (f"{INIT_CFG_KEY}: {e}",)
+                raise
             own = {**dict(self.named_parameters()), **dict(self.named_buffers())}
             self.load_state_dict({**own, **weights})  # every key checked above: all or nothing
         self._is_init = True
@@ -266,15 +266,19 @@ class SEResNet(BaseModule):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(N, 3, H, W) -> tuple of (N, C_s, H/s, W/s), one per entry of `out_indices`."""
         x = forward_stem(self, x)
+        # as mmdet's with_cp, BatchNorms in train mode then update their statistics twice per step
+        use_cp = self.with_cp and torch.is_grad_enabled()
         outs = []
         for i in range(len(self.feature_info)):
             for block in getattr(self, f"layer{i + 1}"):
-                # as mmdet's with_cp, BatchNorms in train mode update their statistics twice per step
-                use_cp = self.with_cp and torch.is_grad_enabled()
                 x = checkpoint(block, x, use_reentrant=False) if use_cp else block(x)
             if i in self.out_indices:
                 outs.append(x)
         return tuple(outs)
+
+
+def _norm_layer(cfg: dict, channels: int) -> torch.nn.Module:
+    return build_norm_layer(cfg, channels)[1]
 
 
 def _rename_norms(old: str, new: str, *args) -> None:

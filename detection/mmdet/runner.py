@@ -2,8 +2,10 @@
 
 `check_mmdet()` turns a missing or unusable mmcv/mmdet into one sentence saying how to install it;
 `load_config()` reads a config and applies the command line; `prepare_data()` generates the synthetic dataset
-for configs that ask for it and otherwise checks the COCO files are where the config says; `build_runner()`
-builds the Runner with a hook that writes the latest metrics to `work_dir/metrics.json`; `run()` does all of it.
+for configs that ask for it and otherwise checks the COCO files are where the config says; `check_checkpoint()`
+reads a `--resume` / `--checkpoint` file as the run will, before the run; `build_runner()` builds the Runner with
+a hook that writes the latest metrics to `work_dir/metrics.json` and checkpoint saves that are all or nothing;
+`run()` does all of it, after deleting what a run killed mid-save left.
 
 Importing this module needs neither mmcv nor mmdet; every function that does imports them itself.
 """
@@ -15,6 +17,7 @@ import importlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 INSTALL_HINT = (
@@ -62,7 +65,9 @@ def check_mmdet() -> None:
 def allow_mmengine_checkpoints() -> None:
     """Let torch's weights-only unpickler read the checkpoints MMEngine writes (torch >= 2.6 loads weights-only).
 
-    mmengine 0.10 calls `torch.load(path)` on resume and `load_from` (`--checkpoint`). Besides tensors its
+    mmengine 0.10 calls `torch.load(path)` on resume and `load_from` (`--checkpoint`, mmdet's tools/test.py,
+    `init_detector`, `DetInferencer`); importing `detection.mmdet.backbone`, as every config of ours does, calls
+    this function, and so does `build_runner`. Besides tensors its
     checkpoints hold the message hub's `HistoryBuffer`s (numpy arrays and scalars inside), which weights-only
     loading refuses. Two compatibility shims, both on our side, keep loading code-free rather than switching
     weights-only off (an untrusted pickle must not run code):
@@ -206,22 +211,76 @@ def _metrics_hook():
     return MetricsHook()
 
 
+def check_checkpoint(path: str, option: str) -> None:
+    """Raise CheckpointError, one sentence starting with `option`, unless `path` reads as the run will read it.
+
+    MMEngine's own load would end in a raw traceback for a missing file, a truncated one (a copy cut short, a
+    save killed by another program) or a pickle that needs code to load (refused: only tensors, numbers and
+    MMEngine's message-hub buffers are read, see `allow_mmengine_checkpoints`). URLs and other backends pass.
+    """
+    from backbones import CheckpointError, read_checkpoint
+    from backbones.checkpoints.files import UntrustedCheckpointError
+
+    if "://" in str(path):
+        return
+    allow_mmengine_checkpoints()
+    try:
+        read_checkpoint(path)  # weights-only, as mmengine's torch.load with our allow-list
+    except CheckpointError as e:
+        message = str(e)
+        if isinstance(e, UntrustedCheckpointError):  # the loader's hint names an option this tool does not have
+            message = message.split(" Pass trusted=True", 1)[0] + (
+                " Nothing was loaded; a file you trust (from another MMEngine program) loads after "
+                "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1."
+            )
+        e.args = (f"{option} {message}",)
+        raise
+
+
+def _atomic_checkpoint_saves(runner) -> None:
+    """Make `runner.save_checkpoint` (what CheckpointHook calls for iter_N.pth / epoch_N.pth / best_*.pth) write
+    through `atomic_write`: into a hidden temporary file next to the checkpoint, renamed into place once whole.
+    MMEngine writes in place, so a kill mid-save left a truncated checkpoint under its final name, which
+    `--resume` then failed on. Other storage backends (URLs) keep MMEngine's own write."""
+    from backbones.fileio.atomic import atomic_write
+
+    save = runner.save_checkpoint
+
+    def save_checkpoint(out_dir: str, filename: str, *args, **kwargs) -> None:
+        if "://" in str(out_dir):
+            return save(out_dir, filename, *args, **kwargs)
+        atomic_write(Path(out_dir, filename), lambda tmp: save(str(tmp.parent), tmp.name, *args, **kwargs))
+
+    runner.save_checkpoint = save_checkpoint
+
+
 def build_runner(cfg):
-    """`Runner.from_cfg(cfg)` (or the config's `runner_type`) with the metrics hook; returns (runner, hook)."""
+    """`Runner.from_cfg(cfg)` (or the config's `runner_type`) with the metrics hook and atomic checkpoint saves;
+    returns (runner, hook)."""
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
 
     allow_mmengine_checkpoints()
     runner = RUNNERS.build(cfg) if "runner_type" in cfg else Runner.from_cfg(cfg)
+    _atomic_checkpoint_saves(runner)
     metrics = _metrics_hook()
     runner.register_hook(metrics, priority=metrics.priority)
     return runner, metrics
 
 
 def run(cfg, *, eval_only: bool = False) -> dict[str, float]:
-    """Train (validating as the config says) or only evaluate; returns the latest COCO metrics."""
+    """Train (validating as the config says) or only evaluate; returns the latest COCO metrics.
+
+    Rank 0 first deletes the temporary files a run killed mid-save (kill -9, OOM killer) left in work_dir:
+    hidden `.<name>.<hex>.tmp` files older than this run, a whole checkpoint's size each."""
+    start = time.time()
     prepare_data(cfg, train=not eval_only)
     runner, metrics = build_runner(cfg)
+    if runner.rank == 0:
+        from backbones.fileio.atomic import remove_stale_temp_files
+
+        for path in remove_stale_temp_files(runner.work_dir, before=start):
+            runner.logger.info(f"Removed {path}, left by a run killed while saving")
     if eval_only:
         runner.test()
     else:

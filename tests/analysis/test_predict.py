@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 
 import cv2
 import numpy as np
@@ -85,7 +86,9 @@ def test_places365_checkpoint_gives_its_preprocessing_and_categories(tmp_path, o
     hyper = {"model": "resnet18", "model_options": {"layers": [1, 1, 1, 1]}, "num_classes": 365}
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
     data = {**dm.hparams, "_instantiator": "lightning.pytorch.cli.instantiate_module"}
-    torch.save({"state_dict": state, "hyper_parameters": hyper, "datamodule_hyper_parameters": data}, path)
+    # as Lightning saves it: the DataModule's hyperparameters, and its state_dict (its class) under its qualname
+    record = {"Places365DataModule": dm.state_dict()}
+    torch.save({"state_dict": state, "hyper_parameters": hyper, "datamodule_hyper_parameters": data, **record}, path)
 
     classifier = load_classifier(path)
     assert classifier.preprocessing == Preprocessing((0.5, 0.4, 0.3), (0.2, 0.2, 0.2), 48, 56)
@@ -106,7 +109,8 @@ def test_io_vote_is_the_releases():
     """Mean IO label (1 indoor, 2 outdoor) of the 10 most likely classes; indoor below 1.5."""
     io_labels = np.array([1] * 6 + [2] * 14)
     probs = np.linspace(1, 0.5, 20)  # classes 0..9 most likely: six indoor, four outdoor
-    assert io_vote(probs, io_labels) == pytest.approx(1.4) and io_vote(probs, io_labels)[1] == "indoor"
+    mean, environment = io_vote(probs, io_labels)
+    assert mean == pytest.approx(1.4) and environment == "indoor"
     probs = np.roll(probs, 1)  # 1..10 most likely: five and five, a tie is outdoor (mean 1.5 is not < 1.5)
     assert io_vote(probs, io_labels) == (1.5, "outdoor")
 
@@ -154,6 +158,24 @@ def test_safetensors_checkpoint_with_recorded_preprocessing(blob_model, tmp_path
     preds = predict(classifier, [(str(i), im, None) for i, im in enumerate(images)], top_k=2, cam_dir=tmp_path)
     assert [p.top[0][1] for p in preds] == [["red", "green", "blue", "yellow"][i] for i in labels]
     assert len(list(tmp_path.glob("*.png"))) == 8
+
+
+def test_the_checkpoint_records_its_datamodule_class(cifar_checkpoint, tmp_path):
+    """The trainer's checkpoint names its DataModule class (its state_dict, under its qualname); one without
+    that record, or with a class that is not a DataModule, is refused with a DataError saying so."""
+    ckpt = torch.load(cifar_checkpoint, map_location="cpu", weights_only=True)
+    assert ckpt["CIFARDataModule"] == {"class_path": "cifar.data.CIFARDataModule"}
+    old = tmp_path / "old.ckpt"
+    torch.save({k: v for k, v in ckpt.items() if k != "CIFARDataModule"}, old)
+    with pytest.raises(DataError, match="written before checkpoints recorded their DataModule class"):
+        load_classifier(old)
+    # a record names a class; it never makes the loader import a module (importing runs the module's code)
+    for path in ("cifar.data.Nothing", "torch.nn.Module", "antigravity.Fly"):
+        bad = tmp_path / "bad.ckpt"
+        torch.save({**ckpt, "CIFARDataModule": {}, path.rsplit(".", 1)[1]: {"class_path": path}}, bad)
+        with pytest.raises(DataError, match="is not one of the DataModules loaded here"):
+            load_classifier(bad)
+    assert "antigravity" not in sys.modules
 
 
 def test_a_network_built_in_code_is_refused_without_a_name(tmp_path):

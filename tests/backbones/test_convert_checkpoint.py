@@ -132,7 +132,8 @@ def test_converter_refuses_nonfinite_weights(tmp_path, capsys):
     weights = create_model("se_resnet50", layers=TINY).state_dict()
     weights["fc.bias"][3] = float("nan")
     torch.save(weights, tmp_path / "nan.pth")
-    args = [str(tmp_path / "nan.pth"), str(tmp_path / "out.safetensors"), "--arch", "se_resnet50", "--set", "layers=(1,1,1,1)"]
+    src, dst = str(tmp_path / "nan.pth"), str(tmp_path / "out.safetensors")
+    args = [src, dst, "--arch", "se_resnet50", "--set", "layers=(1,1,1,1)"]
     tool = load_tool()
     assert tool.main(args) == 2
     assert "nan.pth: 1 tensor(s) hold NaN or inf, the first fc.bias" in capsys.readouterr().err

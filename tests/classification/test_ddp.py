@@ -18,6 +18,7 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -25,7 +26,8 @@ import torch.distributed as dist
 from lightning.pytorch import Callback
 from torch.utils.data import DistributedSampler
 
-from classification import ImageNetDataModule, TrainingCurves, run_cli
+from classification import BadSampleReport, ImageNetDataModule, TrainingCurves, run_cli
+from classification.loaders import ResumableDataLoader
 from classification.samples import DataError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -77,11 +79,14 @@ class Probe(Callback):
             (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
-def launch(tool: str, out: Path, *args: str, check: bool = True) -> tuple[subprocess.CompletedProcess, list[dict]]:
+def launch(
+    tool: str, out: Path, *args: str, fail_rank: int = -1, fail_step: int = -1, check: bool = True
+) -> tuple[subprocess.CompletedProcess, list[dict]]:
     """Run tools/<tool>.py fit under DDP with the Probe; -> the process and each rank's record."""
     command = [sys.executable, str(REPO / f"tools/{tool}.py"), "fit", *args, *DDP, *QUIET]
     command += [f"--trainer.default_root_dir={out}", f"--trainer.callbacks+={__name__}.Probe"]
-    command += [f"--trainer.callbacks.init_args.out={out / 'probe'}"]
+    probe = {"out": out / "probe", "fail_rank": fail_rank, "fail_step": fail_step}  # after `+=`: the Probe's
+    command += [f"--trainer.callbacks.init_args.{k}={v}" for k, v in probe.items()]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     if check:
@@ -219,17 +224,16 @@ def test_imagenet_ddp_failing_rank_stops_all_and_step_checkpoint_resumes_exactly
     straight_out, args, straight = imagenet_straight
     out = tmp_path / "split"
     # rank 1 fails before step 3: the step checkpoint of step 2 (mid-epoch 0) is the last
-    failed, _ = launch("train_imagenet", out, *args, "--trainer.callbacks.init_args.fail_rank=1",
-                       "--trainer.callbacks.init_args.fail_step=3", check=False)  # fmt: skip
+    failed, _ = launch("train_imagenet", out, *args, fail_rank=1, fail_step=3, check=False)
     assert failed.returncode != 0
     assert "error (rank 1 of 2): simulated bad image on rank 1" in failed.stderr  # one line, its own message
     # rank 0 stops too: at its next collective (gloo), with a line that points to rank 1's, or killed by
     # Lightning's process observer (NCCL hangs instead)
-    pointer = "error (rank 0 of 2): stopped because another process of this run failed; its error is above"
+    pointer = "error (rank 0 of 2): stopped: another process of this run failed, its error is above"
     assert pointer in failed.stderr or failed.returncode == -9, failed.stderr[-3000:]
     last = torch.load(out / "checkpoints/last.ckpt", weights_only=True)
     assert (last["epoch"], last["global_step"]) == (0, 2)
-    assert last["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 0, "batches": 2}]
+    assert last["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 0, "batches": 2, "replicas": 2}]
 
     _, resumed = launch("train_imagenet", out, *args, "--ckpt_path=last")
     for rank in range(WORLD):  # each rank continues its own share where the checkpoint left it
@@ -240,3 +244,66 @@ def test_imagenet_ddp_failing_rank_stops_all_and_step_checkpoint_resumes_exactly
     assert a["state_dict"].keys() == b["state_dict"].keys()
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
     assert resumed[0]["metrics"]["val/top1_error"] == straight[0]["metrics"]["val/top1_error"]
+
+
+# --- the rank-aware parts of the loaders, in one process ---------------------------------------------------------
+def ranked(dm, rank: int, world: int = WORLD):
+    """`dm` as process `rank` of a `world`-process run sees it (what setup and the loaders read of the trainer)."""
+    dm.trainer = SimpleNamespace(global_rank=rank, world_size=world, callbacks=[BadSampleReport()])
+    return dm
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_each_rank_draws_its_own_augmentation(tmp_path, workers, one_thread):
+    import numpy as np
+
+    from places365.synthetic import class_image, write_jpeg
+
+    root, rng = tmp_path / "imagenet", np.random.default_rng(0)
+    for i in range(8):  # striped images: a crop or a flip shows in the pixels
+        split = "val" if i > 5 else "train"
+        write_jpeg(root / f"{split}/n0000000{i % 2}/{i}.JPEG", class_image(i % 2, 2, 64, rng))
+
+    def first_batch(rank: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        dm = ImageNetDataModule(str(root), batch_size=4, num_workers=workers, crop_size=32, resize_size=37)
+        if rank is not None:
+            ranked(dm, rank)
+        dm.setup("fit")
+        torch.manual_seed(0)  # as seed_everything leaves every rank: the workers' base seed comes from it
+        return next(iter(dm.train_dataloader()))
+
+    alone, rank0, rank1 = first_batch(None), first_batch(0), first_batch(1)
+    assert torch.equal(rank0[0], alone[0])  # rank 0 draws what one process draws
+    assert torch.equal(rank1[1], rank0[1]) and not torch.equal(rank1[0], rank0[0])  # same images, other crops
+
+
+def test_evaluation_reads_each_sample_on_exactly_one_rank(tmp_path):
+    root = make_imagenet(tmp_path / "imagenet")  # 3 validation images
+    dm = ImageNetDataModule(str(root), batch_size=2, num_workers=0, crop_size=32, resize_size=37)
+    ranked(dm, 0).setup("validate")
+    shares = [list(ranked(dm, rank).val_dataloader().sampler) for rank in range(WORLD)]
+    assert shares == [[0, 2], [1]]  # not padded to [[0, 2], [1, 0]], which would count image 0 twice
+    # more ranks than images: Lightning's padded sampler stays (an empty share would stall DDP's first batch)
+    assert not isinstance(ranked(dm, 0, world=4).val_dataloader().sampler, DistributedSampler)
+
+
+def test_resuming_mid_epoch_on_another_process_count_warns():
+    data = list(range(16))
+
+    def loader(replicas: int, rank: int = 0) -> ResumableDataLoader:
+        sampler = DistributedSampler(data, replicas, rank, shuffle=True, seed=0)
+        return ResumableDataLoader(data, batch_size=2, sampler=sampler)
+
+    interrupted = loader(2, rank=1)
+    batches = iter(interrupted)
+    next(batches), next(batches)
+    state = interrupted.state_dict()
+    assert state == {"epoch": 0, "batches": 2, "replicas": 2}
+    same = loader(2, rank=1)
+    same.load_state_dict(state)
+    assert [b.tolist() for b in same] == [b.tolist() for b in batches]  # the same count continues the share
+    for replicas in (1, 4):
+        other = loader(replicas)
+        other.load_state_dict(state)
+        with pytest.warns(UserWarning, match=f"resuming mid-epoch 0 on {replicas} process.* of 2: each process skips"):
+            list(other)

@@ -511,3 +511,60 @@ def test_trainer_saves_atomically_through_one_checkpointer(tiny_synthetic, monke
     assert (out / "model_final.pth").read_bytes() == saved
     assert (out / "last_checkpoint").read_text() == "model_final.pth"
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
+
+
+# ------------------------------------------------------------------------------------------------ reliability
+
+
+def test_detector_of_other_head_widths_is_refused_whole_unless_partial_is_allowed(tiny_synthetic):
+    """A detector checkpoint with another FPN width: detectron2 would skip those tensors with warnings, and
+    --eval-only would report AP 0 from random heads. Nothing is loaded, one error names the file and keys."""
+    out = tiny_synthetic / "out"
+    path = tiny_synthetic / "fpn64_model_final.pth"
+    torch.save({"model": build(SMOKE, *R18, "MODEL.FPN.OUT_CHANNELS", 64).state_dict()}, path)
+    model = build(SMOKE, *R18)
+    message = _unchanged(model, lambda: SENetCheckpointer(model).load(str(path)))
+    assert str(path) in message and "nothing was loaded" in message and "MODEL.ALLOW_PARTIAL_WEIGHTS" in message
+    assert "backbone.fpn_lateral2.weight (64, 64, 1, 1) vs (128, 64, 1, 1)" in message
+
+    opts = ["OUTPUT_DIR", str(out), "MODEL.WEIGHTS", str(path), "DATALOADER.NUM_WORKERS", "0", *map(str, R18 + TINY)]
+    with pytest.raises(CheckpointError, match="does not fit this model"):
+        train_net_main(_args("--eval-only", *opts))
+    assert not (out / METRICS_FILE).exists()
+
+    partial = SENetCheckpointer(model, allow_partial=True)
+    partial.load(str(path))  # asked for: the backbone fits, the FPN keeps its initialisation
+    saved = torch.load(path, weights_only=True)["model"]
+    assert torch.equal(model.state_dict()["backbone.bottom_up.conv1.weight"], saved["backbone.bottom_up.conv1.weight"])
+    assert get_config(SMOKE).MODEL.ALLOW_PARTIAL_WEIGHTS is False
+
+
+def test_coco_metrics_are_strict_json(tmp_path):
+    """COCOeval's NaN (no small objects in the split, say) is null: a bare NaN is not JSON."""
+    from detection.detectron2.engine import write_metrics
+
+    cfg = get_config(SMOKE, ["OUTPUT_DIR", str(tmp_path)])
+    results = {"bbox": {"AP": 12.5, "APs": float("nan"), "AP-red_rectangle": float("inf")}}
+    text = write_metrics(cfg, results).read_text()
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    metrics = json.loads(text, parse_constant=refuse)
+    assert metrics == {"senet_synthetic_val": {"bbox": {"AP": 12.5, "APs": None, "AP-red_rectangle": None}}}
+
+
+def test_stale_temp_files_of_a_killed_save_are_removed_at_the_start(tiny_synthetic):
+    """A kill -9 mid-save leaves `.model_final.pth.<hex>.tmp` (a whole checkpoint's size): the next run removes it,
+    and nothing else."""
+    out = tiny_synthetic / "out"
+    out.mkdir()
+    stale = out / ".model_final.pth.0123456789ab.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    os.utime(stale, (1e9, 1e9))
+    kept = [out / "notes.tmp", out / "model_0000001.pth"]
+    for path in kept:
+        path.write_bytes(b"x")
+    opts = ["OUTPUT_DIR", str(out), "MODEL.WEIGHTS", "", "DATALOADER.NUM_WORKERS", "0", *map(str, R18 + TINY)]
+    train_net_main(_args("--eval-only", *opts))
+    assert not stale.exists() and all(path.exists() for path in kept)

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from detection.mmdet import runner as mmdet_runner
+from .common import require_mmdet
 
-try:
-    mmdet_runner.check_mmdet()
-except mmdet_runner.MMDetUnavailable as e:
-    pytest.skip(f"MMDetection unavailable: {e}", allow_module_level=True)
+require_mmdet()
 
 from mmdet.registry import MODELS  # noqa: E402
 from mmdet.testing import demo_mm_inputs  # noqa: E402
@@ -26,17 +24,15 @@ from backbones import CheckpointError, OptionMismatchError, SEOptions, create_mo
 from detection.mmdet.backbone import SEResNet, config_hint, se_options  # noqa: E402
 from detection.synthetic import SMOKE_OPTIONS, SYNTHETIC_CLASSES  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[3]
-CONFIGS = REPO / "configs" / "mmdet"
+from .common import CONFIGS, REPO, SMOKE, TINY, mmdet_runner, randomize_norms  # noqa: E402
+
 TABLE7 = {
     "faster-rcnn_se-r50_fpn_2x_coco.py": (50, True),
     "faster-rcnn_r50_fpn_2x_coco.py": (50, False),
     "faster-rcnn_se-r101_fpn_2x_coco.py": (101, True),
     "faster-rcnn_r101_fpn_2x_coco.py": (101, False),
 }
-SMOKE = CONFIGS / "smoke" / "faster-rcnn_se-r50_fpn_synthetic.py"
 KEY = "model.backbone."
-TINY = (1, 1, 1, 1)  # one block per stage: the real wiring at a fraction of the cost
 # The slow smoke test: iterations and the AP it must beat (measured: see the README's MMDetection section).
 SMOKE_TEST_ITERS = 200
 SMOKE_MIN_AP, SMOKE_MIN_AP50 = 0.3, 0.6
@@ -178,21 +174,8 @@ def test_backbone_matches_mmdet_resnet():
             assert torch.equal(a, b)
 
 
-def _randomize_norms(model: torch.nn.Module) -> torch.nn.Module:
-    """Non-trivial norm statistics and affine terms, so that a load which misses one shows in the features."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d | torch.nn.GroupNorm):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.1, 0.1)
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    return model
-
-
 def _mmdet_resnet(**kwargs) -> torch.nn.Module:
-    model = _randomize_norms(MODELS.build(dict(type="ResNet", depth=50, **kwargs)))
+    model = randomize_norms(MODELS.build(dict(type="ResNet", depth=50, **kwargs)))
     model.eval()  # mmdet's ResNet.train() returns None
     return model
 
@@ -370,12 +353,7 @@ def test_only_the_stages_returned_are_built():
 @pytest.fixture(scope="module")
 def imagenet_checkpoint(tmp_path_factory):
     """A random 'ImageNet' SE-ResNet-50 (one block per stage) saved as a Lightning checkpoint, and its model."""
-    reference = create_model("se_resnet50", layers=TINY)
-    with torch.no_grad():
-        for m in reference.modules():  # non-trivial BN statistics, so a missed buffer would show
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
+    reference = randomize_norms(create_model("se_resnet50", layers=TINY))
     path = tmp_path_factory.mktemp("weights") / "se_resnet50.ckpt"
     torch.save({"state_dict": {f"model.{k}": v for k, v in reference.state_dict().items()}, "epoch": 3}, path)
     return path, reference.eval()
@@ -461,12 +439,7 @@ def test_same_checkpoint_same_features_in_detectron2(tmp_path):
     pytest.importorskip("detectron2", reason="detectron2 is not installed (no package registry carries it)")
     from detection.detectron2.engine import build_model_from_config
 
-    reference = create_model("se_resnet50")
-    with torch.no_grad():
-        for m in reference.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
+    reference = randomize_norms(create_model("se_resnet50"))
     path = tmp_path / "se_resnet50.pth"
     torch.save(reference.state_dict(), path)
 
@@ -695,3 +668,77 @@ def test_smoke_training_reaches_nontrivial_ap(tmp_path, monkeypatch):
     assert metrics["coco/bbox_mAP_50"] > SMOKE_MIN_AP50 and metrics["coco/bbox_mAP"] > SMOKE_MIN_AP
     assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == metrics
     assert (tmp_path / "run" / f"iter_{iters}.pth").is_file()
+
+
+# ---------------------------------------------------------------------------------------------- reliability
+
+
+def test_killed_save_leaves_the_last_checkpoint_and_the_next_run_removes_its_temp_file(tmp_path, monkeypatch):
+    """A save killed half-way through iter_4.pth: no truncated iter_4.pth under its final name (MMEngine writes in
+    place), last_checkpoint still names iter_2.pth; the temporary file a kill -9 would leave goes at the next run."""
+    from mmengine.fileio.backends.local_backend import LocalBackend
+
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "data"))
+    work_dir = tmp_path / "run"
+    options = {
+        **_depth18(),
+        "model.backbone.stage_blocks": TINY,
+        "synthetic_data.num_train": 8,
+        "synthetic_data.num_val": 2,
+        "train_cfg.max_iters": 4,
+        "train_dataloader.batch_size": 2,
+        "default_hooks.checkpoint.interval": 2,
+        "val_dataloader": None,
+        "val_cfg": None,
+        "val_evaluator": None,
+    }
+    put = LocalBackend.put
+
+    def killed_at_iter_4(self, obj, filepath):
+        if "iter_4" in str(filepath):
+            Path(filepath).write_bytes(obj[: len(obj) // 2])
+            raise _Crash("killed mid-save")
+        return put(self, obj, filepath)
+
+    monkeypatch.setattr(LocalBackend, "put", killed_at_iter_4)
+    cfg = mmdet_runner.load_config(SMOKE, work_dir=str(work_dir), cfg_options=options)
+    cfg.experiment_name = "killed"
+    with pytest.raises(_Crash):
+        mmdet_runner.run(cfg)
+    assert not (work_dir / "iter_4.pth").exists()
+    assert (work_dir / "last_checkpoint").read_text().endswith("iter_2.pth")
+    assert not list(work_dir.glob(".*.tmp"))
+
+    monkeypatch.setattr(LocalBackend, "put", put)
+    stale = work_dir / ".iter_4.pth.0123456789ab.tmp"  # what a kill -9 leaves: no exception handler ran
+    stale.write_bytes(b"half a checkpoint")
+    os.utime(stale, (1e9, 1e9))
+    cfg = mmdet_runner.load_config(SMOKE, work_dir=str(work_dir), cfg_options=options, resume=True)
+    cfg.experiment_name = "resumed"
+    mmdet_runner.run(cfg)
+    assert not stale.exists()
+    assert torch.load(work_dir / "iter_4.pth", weights_only=True)["meta"]["iter"] == 4
+
+
+@pytest.mark.parametrize("option", ["--resume", "--checkpoint"])
+@pytest.mark.parametrize("kind", ["missing", "truncated", "untrusted"])
+def test_bad_start_checkpoint_is_one_clear_line(option, kind, tmp_path):
+    path = tmp_path / "iter_8.pth"
+    if kind == "truncated":
+        torch.save({"state_dict": {"w": torch.zeros(1000)}}, path)
+        path.write_bytes(path.read_bytes()[:-200])
+    elif kind == "untrusted":
+        torch.save({"state_dict": {}, "payload": _Crash("runs code on load")}, path)
+    argv = [str(SMOKE), "--work-dir", str(tmp_path / "run"), option, str(path)]
+    with pytest.raises(SystemExit) as exc:
+        mmdet_runner.main_guard(_tool_main(), argv)
+    message = str(exc.value.code)
+    assert message.startswith(f"error: {option} {path}") and "\n" not in message.strip(), message
+    assert {"missing": "no such", "truncated": "truncated", "untrusted": "code"}[kind] in message, message
+    assert not (tmp_path / "run").exists()  # refused before anything was built
+
+
+def test_init_cfg_errors_name_the_config_key(tmp_path):
+    absent = tmp_path / "absent.pth"
+    with pytest.raises(CheckpointError, match=rf"^model\.backbone\.init_cfg: {absent}: no such checkpoint"):
+        SEResNet(50, stage_blocks=TINY, init_cfg=dict(type="Pretrained", checkpoint=str(absent))).init_weights()
