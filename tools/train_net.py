@@ -8,6 +8,7 @@ Detectron2's options: --config-file (alias --config), --num-gpus, --num-machines
 --eval-only, --resume, and trailing KEY VALUE config overrides. Metrics land in OUTPUT_DIR/coco_metrics.json.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -36,7 +37,11 @@ def main() -> int:
         args.config_file = str(SMOKE_CONFIG)
         print(f"no --config given: running the synthetic smoke config {SMOKE_CONFIG.relative_to(REPO)}")
     try:
-        check(args)  # here, not only in the workers: an error raised in a spawned worker is a traceback wall
+        cfg = check(args)  # here, not only in the workers: an error raised in a spawned worker is a traceback wall
+        if cfg.MODEL.DEVICE == "cpu" and args.num_gpus * args.num_machines > 1:
+            # launch picks NCCL and one GPU per worker whenever CUDA is available; CPU workers need gloo, which
+            # it picks when the (spawned) workers see no GPU
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""
         launch(
             train_and_evaluate,
             args.num_gpus,

@@ -201,13 +201,7 @@ class SENetCheckpointer(DetectionCheckpointer):
         expected = self._backbone_shapes()
         if not expected:
             return
-        keys = {k.removeprefix("module."): v for k, v in weights.items()}
-        missing = [k for k in expected if k not in keys]
-        wrong = [
-            f"{k} {tuple(keys[k].shape)} vs {shape}"
-            for k, shape in expected.items()
-            if k in keys and tuple(keys[k].shape) != shape
-        ]
+        missing, wrong = _not_covered(expected, weights)
         if not missing and not wrong:
             return
         where = getattr(self, "_filename", "the checkpoint")
@@ -229,13 +223,7 @@ class SENetCheckpointer(DetectionCheckpointer):
         expected = {
             k: tuple(v.shape) for k, v in self.model.state_dict().items() if not k.endswith("num_batches_tracked")
         }
-        keys = {k.removeprefix("module."): v for k, v in weights.items()}
-        missing = [k for k in expected if k not in keys]
-        wrong = [
-            f"{k} {tuple(keys[k].shape)} vs {shape}"
-            for k, shape in expected.items()
-            if k in keys and tuple(keys[k].shape) != shape
-        ]
+        missing, wrong = _not_covered(expected, weights)
         if not missing and not wrong:
             return
         where = getattr(self, "_filename", "the checkpoint")
@@ -250,6 +238,18 @@ class SENetCheckpointer(DetectionCheckpointer):
             + ". Use the config it was trained with (FPN / head widths, NUM_CLASSES), or set "
             "MODEL.ALLOW_PARTIAL_WEIGHTS True to fine-tune from it, leaving what does not fit initialised."
         )
+
+
+def _not_covered(expected: dict[str, tuple[int, ...]], weights: dict) -> tuple[list[str], list[str]]:
+    """(keys of `expected` missing from `weights`, "key (checkpoint shape) vs (model shape)" of the others)."""
+    keys = {k.removeprefix("module."): v for k, v in weights.items()}
+    missing = [k for k in expected if k not in keys]
+    wrong = [
+        f"{k} {tuple(keys[k].shape)} vs {shape}"
+        for k, shape in expected.items()
+        if k in keys and tuple(keys[k].shape) != shape
+    ]
+    return missing, wrong
 
 
 def _detectron2_pickle(checkpoint: Checkpoint) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -11,6 +12,7 @@ import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
+import detectron2.engine.defaults as d2_defaults
 import detectron2.utils.comm as comm
 from detectron2.config import CfgNode, get_cfg
 from detectron2.engine import DefaultTrainer, default_setup
@@ -54,7 +56,12 @@ def build_model_from_config(
 
 
 class Trainer(DefaultTrainer):
-    """DefaultTrainer with COCO evaluation (pycocotools) and `SENetCheckpointer` for MODEL.WEIGHTS, resume, saves."""
+    """DefaultTrainer with COCO evaluation (pycocotools) and `SENetCheckpointer` for MODEL.WEIGHTS, resume, saves;
+    in several processes, a CPU model (MODEL.DEVICE cpu, gloo) trains under DDP too (`create_ddp_model`)."""
+
+    def __init__(self, cfg: CfgNode):
+        with _cpu_aware_ddp():
+            super().__init__(cfg)
 
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None) -> COCOEvaluator:
@@ -79,6 +86,27 @@ class Trainer(DefaultTrainer):
             trainer=weakref.proxy(self),
         )
         return super().build_hooks()
+
+
+def create_ddp_model(model: nn.Module, **kwargs) -> nn.Module:
+    """detectron2's `create_ddp_model`, which passes device_ids=[local rank] unless told otherwise; DDP refuses
+    device_ids for a module on the CPU, so there it passes none."""
+    if "device_ids" not in kwargs and all(p.device.type == "cpu" for p in model.parameters()):
+        kwargs["device_ids"] = None
+    return _d2_create_ddp_model(model, **kwargs)
+
+
+_d2_create_ddp_model = d2_defaults.create_ddp_model
+
+
+@contextlib.contextmanager
+def _cpu_aware_ddp():
+    """DefaultTrainer.__init__ calls create_ddp_model by its module's name, with no way to pass device_ids."""
+    d2_defaults.create_ddp_model = create_ddp_model
+    try:
+        yield
+    finally:
+        d2_defaults.create_ddp_model = _d2_create_ddp_model
 
 
 def write_metrics(cfg: CfgNode, results: dict) -> Path:

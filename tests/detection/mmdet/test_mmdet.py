@@ -609,10 +609,9 @@ class _Iterations(Hook):
             raise _Crash(f"simulated crash after iteration {self.crash_after}")
 
 
-def test_interrupted_training_resumes_from_the_last_checkpoint(tmp_path, monkeypatch):
-    """A run killed after iteration 3 resumes from iter_2.pth (last_checkpoint) and runs only iterations 3-4."""
-    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "data"))
-    options = {
+def four_iterations() -> dict:
+    """--cfg-options of a tiny 4-iteration run that checkpoints every 2 iterations and never validates."""
+    return {
         **_depth18(),
         "model.backbone.stage_blocks": TINY,
         "synthetic_data.num_train": 8,
@@ -624,6 +623,12 @@ def test_interrupted_training_resumes_from_the_last_checkpoint(tmp_path, monkeyp
         "val_cfg": None,
         "val_evaluator": None,
     }
+
+
+def test_interrupted_training_resumes_from_the_last_checkpoint(tmp_path, monkeypatch):
+    """A run killed after iteration 3 resumes from iter_2.pth (last_checkpoint) and runs only iterations 3-4."""
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "data"))
+    options = four_iterations()
 
     def run(resume: bool, crash_after: int | None = None) -> tuple[_Iterations, object]:
         cfg = mmdet_runner.load_config(SMOKE, work_dir=str(tmp_path / "run"), cfg_options=options, resume=resume)
@@ -680,18 +685,7 @@ def test_killed_save_leaves_the_last_checkpoint_and_the_next_run_removes_its_tem
 
     monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "data"))
     work_dir = tmp_path / "run"
-    options = {
-        **_depth18(),
-        "model.backbone.stage_blocks": TINY,
-        "synthetic_data.num_train": 8,
-        "synthetic_data.num_val": 2,
-        "train_cfg.max_iters": 4,
-        "train_dataloader.batch_size": 2,
-        "default_hooks.checkpoint.interval": 2,
-        "val_dataloader": None,
-        "val_cfg": None,
-        "val_evaluator": None,
-    }
+    options = four_iterations()
     put = LocalBackend.put
 
     def killed_at_iter_4(self, obj, filepath):
