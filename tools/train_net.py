@@ -25,6 +25,8 @@ def main() -> int:
     except ImportError as e:
         print(f"tools/train_net.py needs Detectron2 ({e}); install torch first, then: {INSTALL}", file=sys.stderr)
         return 2
+    from torch.multiprocessing import ProcessRaisedException
+
     from backbones import CheckpointError
     from detection.detectron2.data import DatasetLayoutError
     from detection.detectron2.engine import check
@@ -36,6 +38,7 @@ def main() -> int:
     if not args.config_file:
         args.config_file = str(SMOKE_CONFIG)
         print(f"no --config given: running the synthetic smoke config {SMOKE_CONFIG.relative_to(REPO)}")
+    ours = (CheckpointError, DatasetLayoutError)
     try:
         cfg = check(args)  # here, not only in the workers: an error raised in a spawned worker is a traceback wall
         if cfg.MODEL.DEVICE == "cpu" and args.num_gpus * args.num_machines > 1:
@@ -50,8 +53,17 @@ def main() -> int:
             dist_url=args.dist_url,
             args=(args,),
         )
-    except (CheckpointError, DatasetLayoutError) as e:
+    except ours as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ProcessRaisedException as e:
+        # a worker's error arrives as its formatted traceback; ours (a detector checkpoint that does not fit the
+        # model, found once the workers have built it) is said as in one process, the rest stays a traceback
+        text = str(e)
+        mark = next((m for m in (f"{c.__module__}.{c.__qualname__}: " for c in ours) if m in text), None)
+        if mark is None:
+            raise
+        print(f"error: {text.split(mark, 1)[1].strip()}", file=sys.stderr)
         return 2
     return 0
 

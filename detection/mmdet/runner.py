@@ -16,6 +16,7 @@ import argparse
 import importlib
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -281,11 +282,35 @@ def run(cfg, *, eval_only: bool = False) -> dict[str, float]:
 
         for path in remove_stale_temp_files(runner.work_dir, before=start):
             runner.logger.info(f"Removed {path}, left by a run killed while saving")
+        repaired = repair_last_checkpoint(runner.work_dir)
+        if repaired:
+            runner.logger.warning(f"last_checkpoint was cut short by a killed run: it now names {repaired}")
     if eval_only:
         runner.test()
     else:
         runner.train()
     return metrics.metrics
+
+
+def repair_last_checkpoint(work_dir: str | os.PathLike) -> Path | None:
+    """Point `work_dir/last_checkpoint` at the newest checkpoint when it names none; returns that checkpoint.
+
+    MMEngine's CheckpointHook rewrites the pointer in place after every save: a kill at that moment leaves it
+    empty, and `--resume` would then fail. The checkpoints themselves are whole (`_atomic_checkpoint_saves`)."""
+    pointer = Path(work_dir, "last_checkpoint")
+    named = pointer.read_text().strip() if pointer.is_file() else None
+    if named is None or (named and Path(named).is_file()):  # no run yet, or a pointer that names a checkpoint
+        return None
+    numbered = [
+        (int(m[2]), p) for p in pointer.parent.glob("*.pth") if (m := re.fullmatch(r"(iter|epoch)_(\d+)\.pth", p.name))
+    ]
+    if not numbered:
+        return None
+    newest = max(numbered)[1]
+    from backbones.fileio.atomic import atomic_write
+
+    atomic_write(pointer, lambda tmp: tmp.write_text(str(newest)))
+    return newest
 
 
 def main_guard(fn, *args, **kwargs):

@@ -74,3 +74,22 @@ def test_eval_with_two_processes_equals_one(trained):
     for name, value in flat[0].items():
         assert flat[1][name] == (None if value is None else pytest.approx(value, abs=1e-6)), name
     assert [p.name for p in (trained / "eval2").rglob("*metrics*.json")] == ["coco_metrics.json"]  # rank 0 only
+
+
+def test_a_detector_that_does_not_fit_is_one_line_from_two_processes(trained, tmp_path):
+    """Issue 14, item 2 with --num-gpus 2: the workers find the misfit once they build the model; the user reads the
+    one line a single process gives, not two workers' tracebacks, and nothing is evaluated."""
+    import torch
+
+    weights = torch.load(trained / "train/model_final.pth", map_location="cpu", weights_only=True)
+    weights["model"]["backbone.fpn_lateral2.weight"] = torch.zeros(1, 1, 1, 1)
+    torch.save(weights, tmp_path / "misfit.pth")
+    argv = [str(REPO / "tools/train_net.py"), "--config", str(SMOKE), "--num-gpus", "2", "--dist-url", "auto"]
+    argv += ["--eval-only", *map(str, [*SMALL, "MODEL.WEIGHTS", tmp_path / "misfit.pth", "OUTPUT_DIR", tmp_path / "e"])]
+    env = {**os.environ, "DETECTRON2_DATASETS": str(trained / "datasets"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, *argv], cwd=trained, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "misfit.pth: a detector checkpoint that does not fit this model" in errors[0]
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "e/coco_metrics.json").exists()

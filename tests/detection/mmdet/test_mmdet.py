@@ -736,3 +736,15 @@ def test_init_cfg_errors_name_the_config_key(tmp_path):
     absent = tmp_path / "absent.pth"
     with pytest.raises(CheckpointError, match=rf"^model\.backbone\.init_cfg: {absent}: no such checkpoint"):
         SEResNet(50, stage_blocks=TINY, init_cfg=dict(type="Pretrained", checkpoint=str(absent))).init_weights()
+
+
+@pytest.mark.parametrize("content", ["", "/gone/iter_6.pth"])
+def test_a_cut_short_last_checkpoint_names_the_newest_checkpoint(tmp_path, content):
+    """Issue 14, item 9: MMEngine rewrites last_checkpoint in place; a kill then leaves it empty or naming nothing,
+    and the next run points it at the newest (whole) checkpoint instead of failing to resume."""
+    for name in ("iter_2.pth", "iter_10.pth", "iter_4.pth", "best_coco.pth"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "last_checkpoint").write_text(content)
+    assert mmdet_runner.repair_last_checkpoint(tmp_path) == tmp_path / "iter_10.pth"
+    assert (tmp_path / "last_checkpoint").read_text() == str(tmp_path / "iter_10.pth")
+    assert mmdet_runner.repair_last_checkpoint(tmp_path) is None  # a pointer that names a file is left alone
