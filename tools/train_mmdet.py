@@ -3,6 +3,7 @@
     python tools/train_mmdet.py configs/mmdet/smoke/faster-rcnn_se-r50_fpn_synthetic.py   # CPU, minutes
     python tools/train_mmdet.py configs/mmdet/faster-rcnn_se-r50_fpn_2x_coco.py --auto-scale-lr
     torchrun --nproc_per_node 8 tools/train_mmdet.py CONFIG --launcher pytorch      # 8 GPUs x 2 = 16 images
+    torchrun --standalone --nproc-per-node 2 tools/train_mmdet.py CONFIG --launcher pytorch   # no GPU: 2 CPU processes
     python tools/train_mmdet.py CONFIG --resume                 # continue from work_dir's latest checkpoint
     python tools/train_mmdet.py CONFIG --eval-only --checkpoint output/mmdet/NAME/epoch_24.pth
 

@@ -15,13 +15,14 @@ from pathlib import Path
 import detectron2.engine.defaults as d2_defaults
 import detectron2.utils.comm as comm
 from detectron2.config import CfgNode, get_cfg
-from detectron2.engine import DefaultTrainer, default_setup
+from detectron2.engine import DefaultTrainer, default_setup, hooks
 from detectron2.evaluation import COCOEvaluator
 from detectron2.modeling import build_model
 from torch import nn
 
 from backbones.fileio.atomic import atomic_write, remove_stale_temp_files
 
+from .bn_stats import AverageBNStatistics
 from .checkpoint import SENetCheckpointer, check_weights_file
 from .config import add_senet_config
 from .data import prepare_datasets
@@ -57,7 +58,8 @@ def build_model_from_config(
 
 class Trainer(DefaultTrainer):
     """DefaultTrainer with COCO evaluation (pycocotools) and `SENetCheckpointer` for MODEL.WEIGHTS, resume, saves;
-    in several processes, a CPU model (MODEL.DEVICE cpu, gloo) trains under DDP too (`create_ddp_model`)."""
+    in several processes, a CPU model (MODEL.DEVICE cpu, gloo) trains under DDP too (`create_ddp_model`), and the
+    BN running statistics are averaged across them before each checkpoint and evaluation (`AverageBNStatistics`)."""
 
     def __init__(self, cfg: CfgNode):
         with _cpu_aware_ddp():
@@ -85,7 +87,17 @@ class Trainer(DefaultTrainer):
             allow_partial=self.cfg.MODEL.ALLOW_PARTIAL_WEIGHTS,
             trainer=weakref.proxy(self),
         )
-        return super().build_hooks()
+        # DefaultTrainer's hooks: ..., PreciseBN, PeriodicCheckpointer (rank 0 only), EvalHook, writers. The BN
+        # statistics are averaged after PreciseBN and before the first hook that saves or evaluates the model.
+        ret = super().build_hooks()
+        first_user = next(i for i, h in enumerate(ret) if isinstance(h, hooks.PeriodicCheckpointer | hooks.EvalHook))
+        ret.insert(
+            first_user,
+            AverageBNStatistics(
+                self.model, checkpoint_period=self.cfg.SOLVER.CHECKPOINT_PERIOD, eval_period=self.cfg.TEST.EVAL_PERIOD
+            ),
+        )
+        return ret
 
 
 def create_ddp_model(model: nn.Module, **kwargs) -> nn.Module:

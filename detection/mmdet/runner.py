@@ -3,9 +3,10 @@
 `check_mmdet()` turns a missing or unusable mmcv/mmdet into one sentence saying how to install it;
 `load_config()` reads a config and applies the command line; `prepare_data()` generates the synthetic dataset
 for configs that ask for it and otherwise checks the COCO files are where the config says; `check_checkpoint()`
-reads a `--resume` / `--checkpoint` file as the run will, before the run; `build_runner()` builds the Runner with
-a hook that writes the latest metrics to `work_dir/metrics.json` and checkpoint saves that are all or nothing;
-`run()` does all of it, after deleting what a run killed mid-save left.
+reads a `--resume` / `--checkpoint` file as the run will, before the run; `start_cpu_processes()` joins
+torchrun's processes on gloo where there is no GPU; `build_runner()` builds the Runner with a hook that writes the
+latest metrics to `work_dir/metrics.json`, one that averages BN statistics over the processes, and checkpoint
+saves that are all or nothing; `run()` does all of it, after deleting what a run killed mid-save left.
 
 Importing this module needs neither mmcv nor mmdet; every function that does imports them itself.
 """
@@ -255,17 +256,67 @@ def _atomic_checkpoint_saves(runner) -> None:
     runner.save_checkpoint = save_checkpoint
 
 
+def start_cpu_processes(cfg) -> bool:
+    """`--launcher pytorch` (torchrun) on a machine without a GPU: join the processes on gloo here; -> whether it did.
+
+    MMEngine's own start (`init_dist`) calls `torch.cuda.set_device(LOCAL_RANK)`, which fails without a GPU, and
+    its DDP wrapper passes `device_ids=[LOCAL_RANK]`, which DDP refuses for a module on the CPU. With the process
+    group already up the Runner skips `init_dist`; `model_wrapper_cfg` then builds MMEngine's DDP wrapper as it
+    would (`broadcast_buffers=False`, the config's `find_unused_parameters`) but without device ids. On a GPU
+    machine nothing changes. The config's backend is replaced by gloo (NCCL needs GPUs), its timeout kept.
+    """
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if cfg.get("launcher") != "pytorch" or torch.cuda.is_available() or dist.is_initialized():
+        return False
+    if mp.get_start_method(allow_none=True) is None:
+        mp.set_start_method("spawn")  # as init_dist does: forked data workers and a process group do not mix
+    timeout = cfg.get("env_cfg", {}).get("dist_cfg", {}).get("timeout")
+    kwargs = {"timeout": datetime.timedelta(seconds=timeout)} if timeout else {}
+    dist.init_process_group(backend="gloo", **kwargs)  # rank, world size and rendezvous from torchrun's env://
+    wrapper = dict(type="MMDistributedDataParallel", broadcast_buffers=False)
+    wrapper["find_unused_parameters"] = cfg.get("find_unused_parameters", False)
+    cfg.model_wrapper_cfg = {**wrapper, **(cfg.get("model_wrapper_cfg") or {}), "device_ids": None}
+    return True
+
+
+def _sync_norm_statistics_hook():
+    """A Hook giving every process the BN running statistics averaged over the processes
+    (`detection.distributed.average_norm_statistics`) after each training iteration: before CheckpointHook
+    (VERY_LOW) saves and before the validation the loop starts after the iteration. Averaging at every
+    iteration equals averaging once; it costs one all-reduce of the statistics (about 0.2 MB for SE-ResNet-50),
+    nothing with frozen BN (the COCO configs) or one process."""
+    from mmengine.hooks import Hook
+    from mmengine.model import is_model_wrapper
+
+    from detection.distributed import average_norm_statistics
+
+    class SyncNormStatisticsHook(Hook):
+        priority = "ABOVE_NORMAL"
+
+        def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+            average_norm_statistics(runner.model.module if is_model_wrapper(runner.model) else runner.model)
+
+    return SyncNormStatisticsHook()
+
+
 def build_runner(cfg):
-    """`Runner.from_cfg(cfg)` (or the config's `runner_type`) with the metrics hook and atomic checkpoint saves;
-    returns (runner, hook)."""
+    """`Runner.from_cfg(cfg)` (or the config's `runner_type`) with the metrics hook, BN statistics averaged over
+    the processes of a multi-process run, and atomic checkpoint saves; returns (runner, metrics hook)."""
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
 
     allow_mmengine_checkpoints()
+    start_cpu_processes(cfg)
     runner = RUNNERS.build(cfg) if "runner_type" in cfg else Runner.from_cfg(cfg)
     _atomic_checkpoint_saves(runner)
     metrics = _metrics_hook()
-    runner.register_hook(metrics, priority=metrics.priority)
+    for hook in (metrics, _sync_norm_statistics_hook()):
+        runner.register_hook(hook, priority=hook.priority)
     return runner, metrics
 
 

@@ -16,7 +16,7 @@ pytest.importorskip("detectron2", reason="Detectron2 is not installed (it cannot
 import detectron2.checkpoint.detection_checkpoint as d2_checkpoint  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from detectron2.engine import default_argument_parser  # noqa: E402
-from detectron2.engine.hooks import PeriodicCheckpointer  # noqa: E402
+from detectron2.engine.hooks import EvalHook, PeriodicCheckpointer, PreciseBN  # noqa: E402
 from detectron2.layers import FrozenBatchNorm2d  # noqa: E402
 from detectron2.modeling import build_backbone, build_model  # noqa: E402
 from detectron2.structures import Boxes, Instances  # noqa: E402
@@ -37,6 +37,7 @@ from backbones import (  # noqa: E402
 from detection.detectron2 import SENetCheckpointer, get_config  # noqa: E402
 from detection.detectron2 import data as d2data  # noqa: E402
 from detection.detectron2.backbone import SEResNet  # noqa: E402
+from detection.detectron2.bn_stats import AverageBNStatistics  # noqa: E402
 from detection.detectron2.checkpoint import config_hint  # noqa: E402
 from detection.detectron2.data import DatasetLayoutError, prepare_datasets  # noqa: E402
 from detection.detectron2.engine import METRICS_FILE, Trainer, check  # noqa: E402
@@ -511,6 +512,32 @@ def test_trainer_saves_atomically_through_one_checkpointer(tiny_synthetic, monke
     assert (out / "model_final.pth").read_bytes() == saved
     assert (out / "last_checkpoint").read_text() == "model_final.pth"
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
+
+
+def test_bn_statistics_are_averaged_before_every_checkpoint_and_evaluation(tiny_synthetic, monkeypatch):
+    """AverageBNStatistics runs after PreciseBN, before the hooks that save or evaluate, at their iterations and the
+    last; in one process it changes nothing (the averaging across 2 processes: test_multiprocess.py)."""
+    opts = [
+        "OUTPUT_DIR", str(tiny_synthetic / "out"), "DATALOADER.NUM_WORKERS", 0, *R18, "SOLVER.MAX_ITER", 10,
+        "SOLVER.CHECKPOINT_PERIOD", 4, "TEST.EVAL_PERIOD", 3, "TEST.PRECISE_BN.ENABLED", True,
+    ]  # fmt: skip
+    trainer = Trainer(get_config(SMOKE, opts))
+    kinds = [type(h) for h in trainer._hooks]
+    order = [PreciseBN, AverageBNStatistics, PeriodicCheckpointer, EvalHook]
+    assert [kinds.index(kind) for kind in order] == sorted(kinds.index(kind) for kind in order)
+    hook = trainer._hooks[kinds.index(AverageBNStatistics)]
+
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.iter = 9
+    hook.after_step()  # world size 1: no collective
+    assert all(torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())
+
+    averaged_at = []
+    average = lambda model: averaged_at.append(trainer.iter + 1)  # noqa: E731
+    monkeypatch.setattr("detection.detectron2.bn_stats.average_norm_statistics", average)
+    for trainer.iter in range(10):
+        hook.after_step()
+    assert averaged_at == [3, 4, 6, 8, 9, 10]  # iterations done: every 3 (eval), every 4 (checkpoint), the last
 
 
 # ------------------------------------------------------------------------------------------------ reliability
