@@ -10,6 +10,7 @@ its report).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -224,6 +225,9 @@ def test_gpu_check_trainer_commands_parse_and_its_callbacks_run_on_cpu(tmp_path,
 def test_gpu_check_report_records_every_step(tmp_path, monkeypatch):
     from tools import gpu_check
 
+    # the engines installed here pass the check (no skip when they can run)
+    assert gpu_check.detectron2_missing() is None and gpu_check.mmdetection_missing() is None
+
     result = tmp_path / "result.json"
     steps = [
         {"name": "cifar bf16-mixed", "limit": 60, "result": result,
@@ -232,14 +236,27 @@ def test_gpu_check_report_records_every_step(tmp_path, monkeypatch):
          "command": [sys.executable, "-c", "raise SystemExit('boom')"]},
         {"name": "benchmark", "limit": 1, "result": tmp_path / "none",
          "command": [sys.executable, "-c", "import time; time.sleep(30)"]},
+        {"name": "detectron2 smoke", "limit": 60, "result": tmp_path / "none", "needs": gpu_check.detectron2_missing,
+         "command": [sys.executable, "-c", "raise SystemExit('ran')"]},
     ]  # fmt: skip
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "detectron2" else real_find_spec(name, *a)
+    )
     monkeypatch.setattr(gpu_check, "all_steps", lambda out: steps)
     monkeypatch.setattr(gpu_check.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(gpu_check.torch.cuda, "get_device_name", lambda i: "a fake GPU")
     assert gpu_check.main([str(tmp_path / "out"), "--budget", "60"]) == 1
     report = json.loads((tmp_path / "out/gpu_check.json").read_text())
     assert report["gpu"] == "a fake GPU" and report["wall_s"] < 60
-    assert [s["status"] for s in report["steps"]] == ["ok", "failed (exit 1)", "timeout (1 s)"]
+    assert [s["status"] for s in report["steps"]] == [
+        "ok",
+        "failed (exit 1)",
+        "timeout (1 s)",
+        "skipped (not installed)",
+    ]
+    assert report["steps"][3]["reason"] == "detectron2 is not installed (README: Detectron2)"
+    assert "wall_s" not in report["steps"][3]  # not started
     assert report["steps"][0]["result"] == {"images_per_s": 123.0}
     assert "boom" in report["steps"][1]["output_tail"]
     assert (tmp_path / "out/gpu_check.png").stat().st_size > 0

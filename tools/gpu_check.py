@@ -5,7 +5,8 @@ JSON and one PNG, in under 8 minutes.
     python tools/gpu_check.py OUT [--budget SECONDS] [--only NAME,...]
 
 Steps, each a subprocess with its own time limit, cut to what is left of the budget (a step that no longer
-fits is recorded as skipped; a failed one with the tail of its output, and the next one runs):
+fits, or whose engine is not installed, is recorded as skipped with the reason; a failed one with the tail of
+its output; the next one runs either way):
   - the CIFAR, Places365 and ImageNet Lightning trainers (the smoke configs; ImageNet: its Section 5.1 recipe
     with SE-ResNet-50 on a generated tree), 2 epochs on the GPU in bf16-mixed and 16-mixed, weights in
     channels_last (`ChannelsLast`); `Throughput` measures the training images/s of the last epoch;
@@ -19,6 +20,7 @@ images/s and step times); the runs' own outputs stay under OUT/runs.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -146,10 +148,12 @@ def all_steps(out: Path) -> list[dict]:
     bench += ["--batch-size", "64", "--sections", "models"]
     detection = [
         {"name": "detectron2 smoke", "limit": 150, "result": out / "runs/detectron2/coco_metrics.json",
+         "needs": detectron2_missing,
          "command": [sys.executable, "tools/train_net.py", "--config",
                      "configs/detectron2/smoke/faster_rcnn_se_r50_synthetic.yaml",
                      "MODEL.DEVICE", "cuda", "OUTPUT_DIR", str(out / "runs/detectron2")]},
         {"name": "mmdetection smoke", "limit": 150, "result": out / "runs/mmdet/metrics.json",
+         "needs": mmdetection_missing,
          "command": [sys.executable, "tools/train_mmdet.py", "configs/mmdet/smoke/faster-rcnn_se-r50_fpn_synthetic.py",
                      "--work-dir", str(out / "runs/mmdet")]},
     ]  # fmt: skip
@@ -171,12 +175,35 @@ def summarise(name: str, record: dict) -> dict:
     return record
 
 
+def detectron2_missing() -> str | None:
+    """Why the Detectron2 step cannot run in this environment, or None (its install is the README's, by hand)."""
+    if importlib.util.find_spec("detectron2") is None:
+        return "detectron2 is not installed (README: Detectron2)"
+    return None
+
+
+def mmdetection_missing() -> str | None:
+    """Why the MMDetection step cannot run in this environment (no mmdet extra, mmcv without ops), or None."""
+    from detection.mmdet.runner import MMDetUnavailable, check_mmdet
+
+    try:
+        check_mmdet()
+    except MMDetUnavailable as e:
+        return str(e)
+    return None
+
+
 def run_step(step: dict, env: dict, deadline: float) -> dict:
-    """Run one step within its limit and the time left; -> its record."""
+    """Run one step within its limit and the time left; -> its record. A step whose engine is not installed is
+    recorded as skipped with the reason, at once, rather than failing after its start-up."""
     left = deadline - time.monotonic()
     entry = {"name": step["name"], "command": " ".join(map(str, step["command"]))}
     if left < 20:  # not even a start-up fits
         return {**entry, "status": "skipped (time budget)"}
+    missing = step["needs"]() if "needs" in step else None
+    if missing:
+        print(f"{entry['name']:<24} skipped: {missing}", flush=True)
+        return {**entry, "status": "skipped (not installed)", "reason": missing}
     limit = min(step["limit"], left)
     start = time.monotonic()
     try:
