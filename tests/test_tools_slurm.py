@@ -159,7 +159,7 @@ def test_detectron2_sbatch_launches_each_node_with_its_machine_rank(tmp_path):
 
 
 # --- MMDetection -------------------------------------------------------------------------------------------------
-def test_mmdetection_sbatch_runs_torchrun_per_node_with_the_pytorch_launcher(tmp_path):
+def test_mmdetection_sbatch_runs_torchrun_per_node_with_the_pytorch_launcher(tmp_path, monkeypatch):
     from torch.distributed.run import get_args_parser
 
     from tools.train_mmdet import parse_args
@@ -173,6 +173,10 @@ def test_mmdetection_sbatch_runs_torchrun_per_node_with_the_pytorch_launcher(tmp
         assert args.training_script == "tools/train_mmdet.py"
         config, *rest = args.training_script_args
         assert config == "configs/mmdet/faster-rcnn_se-r50_fpn_2x_coco.py"
+        # what torchrun sets in each process it starts (the first of this node's 8)
+        world = {"RANK": str(rank * 8), "WORLD_SIZE": "16", "MASTER_ADDR": args.master_addr, "LOCAL_RANK": "0"}
+        for name, value in world.items():
+            monkeypatch.setenv(name, value)
         mmdet = parse_args([str(REPO / config), *rest])
         assert mmdet.launcher == "pytorch" and mmdet.resume is True and mmdet.auto_scale_lr
     weights = ["c.py", "--checkpoint", "w.pth"]

@@ -71,6 +71,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "--resume and --checkpoint name two starting points: --resume [CKPT] continues a run (weights, "
             "optimizer, schedule), --checkpoint PATH starts a new one from detector weights; pass one"
         )
+    if args.launcher == "pytorch" and not {"RANK", "WORLD_SIZE", "MASTER_ADDR"} <= os.environ.keys():
+        parser.error(
+            "--launcher pytorch runs in processes started by torchrun, which sets RANK, WORLD_SIZE and MASTER_ADDR: "
+            "torchrun --nproc-per-node N tools/train_mmdet.py CONFIG --launcher pytorch (one process: leave "
+            "--launcher out)"
+        )
     os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     return args
 

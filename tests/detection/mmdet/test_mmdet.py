@@ -538,6 +538,22 @@ def test_resume_with_checkpoint_is_refused(resume, capsys):
     assert "--resume and --checkpoint name two starting points" in capsys.readouterr().err
 
 
+def test_launcher_pytorch_outside_torchrun_is_refused(monkeypatch, capsys):
+    from tools.train_mmdet import parse_args
+
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(SystemExit) as exc:
+        parse_args([str(SMOKE), "--launcher", "pytorch"])
+    assert exc.value.code == 2
+    assert "--launcher pytorch runs in processes started by torchrun" in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("MASTER_ADDR", "localhost")
+    monkeypatch.setenv("LOCAL_RANK", "0")  # parse_args sets it when unset: undone after the test
+    assert parse_args([str(SMOKE), "--launcher", "pytorch"]).launcher == "pytorch"
+
+
 @pytest.mark.parametrize(
     ("blocked", "expected"),
     [
