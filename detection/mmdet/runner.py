@@ -368,11 +368,15 @@ def main_guard(fn, *args, **kwargs):
     """Run fn; unusable mmcv/mmdet, missing data or unloadable weights end the program with one clear line.
 
     Weights errors are the common loader's `CheckpointError`s (file, key, shapes, the option to set), raised
-    when the Runner initialises the backbone, exactly as `backbones.load_pretrained` words them.
+    when the Runner initialises the backbone, exactly as `backbones.load_pretrained` words them. Under torchrun
+    every process of a machine meets the same error in the same files: the machine's first process (LOCAL_RANK
+    0) prints it, the others exit with the same status in silence.
     """
     from backbones.checkpoints.loader import CheckpointError
 
     try:
         return fn(*args, **kwargs)
     except (MMDetUnavailable, DatasetNotFound, CheckpointError) as e:
+        if os.environ.get("LOCAL_RANK", "0") != "0":
+            sys.exit(1)
         sys.exit(f"error: {e}")

@@ -23,15 +23,15 @@ TRAIN = [
 ]
 
 
-def train_mmdet(root, processes: int, *args: str, options: tuple[str, ...] = ()) -> str:
+def train_mmdet(root, processes: int, *args: str, options: tuple[str, ...] = (), status: int = 0) -> str:
     """tools/train_mmdet.py in `processes` processes (torchrun, free port) or one plain process; -> its output."""
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
     argv = [*(launch if processes > 1 else [sys.executable]), str(REPO / "tools/train_mmdet.py"), str(SMOKE), *args]
-    argv += ["--launcher", "pytorch" if processes > 1 else "none", "--cfg-options", *options]
+    argv += ["--launcher", "pytorch" if processes > 1 else "none", *(["--cfg-options", *options] if options else [])]
     env = {**os.environ, "DETECTRON2_DATASETS": str(root / "datasets"), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True, timeout=400)
     output = done.stdout + done.stderr
-    assert done.returncode == 0, output[-4000:]
+    assert done.returncode == status, output[-4000:]
     return output
 
 
@@ -90,6 +90,15 @@ def test_end_of_training_validation_equals_an_evaluation_of_the_saved_checkpoint
     checkpoint kept rank 0's: the metrics at the end of training were not those of the saved model."""
     assert_same_detections(detections(runs / "eval1"), detections(runs / "train"), **TOLERANCE)
     assert_same_metrics(metrics(runs / "eval1"), metrics(runs / "train"))
+
+
+def test_a_bad_checkpoint_is_one_line_from_two_processes(runs):
+    """Both processes refuse the file before the run starts; the user reads one error, not one per process."""
+    (runs / "bad.pth").write_bytes(b"not a checkpoint")
+    output = train_mmdet(runs, 2, "--eval-only", "--checkpoint", str(runs / "bad.pth"), status=1)
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: --checkpoint {runs / 'bad.pth'}: not a checkpoint (expected a torch .pth/.pt/.bin/"
+                      f".ckpt, safetensors or pickle file); it starts with b'not a ch'"]  # fmt: skip
 
 
 def test_only_a_gpu_less_torchrun_start_is_taken_over(monkeypatch):
